@@ -1,0 +1,38 @@
+//! Tasker's shared core, used by the orchestrator, the worker, the CLI and the
+//! cross-process tests.
+//!
+//! | concept | module |
+//! |---|---|
+//! | validated names (namespaces, steps, handlers) | [`identifier`] |
+//! | task and step state machines | [`state_machine`] |
+//! | templates: the DAG and its rules | [`template`] |
+//! | creating, reading, cancelling tasks | [`tasks`] |
+//! | claiming tasks and steps, leases | [`claim`] |
+//! | recording step outcomes (fenced) | [`step_result`] |
+//! | orchestration's database side | [`orchestration`] |
+//! | deciding that a task is finished | [`finalize`] |
+//! | retry backoff | [`retry`] |
+//! | connecting and migrating | [`db`] |
+//! | invariants over the whole database | [`invariants`] |
+//!
+//! All SQL is in `migrations/` (schema and functions) or in `query!` calls in
+//! these modules; every function takes an executor, so callers choose whether it
+//! runs on the pool or inside their own transaction.
+
+pub mod claim;
+pub mod db;
+pub mod error;
+pub mod finalize;
+pub mod identifier;
+pub mod invariants;
+pub mod orchestration;
+pub mod retry;
+pub mod state_machine;
+pub mod step_result;
+pub mod tasks;
+pub mod template;
+mod text_enum;
+
+pub use error::{Error, Result};
+pub use identifier::Identifier;
+pub use text_enum::UnknownName;

@@ -1,0 +1,105 @@
+//! Recording what an attempt did: fenced completion and failure.
+//!
+//! Only the worker that claimed an attempt, presenting its attempt number, while
+//! the step is still `in_progress`, can record its outcome. A late write from a
+//! stale owner (its lease expired and the step was rescued, or the task was
+//! cancelled) is rejected and changes nothing. Accepted outcomes wake the task in
+//! the same transaction, so its orchestrator looks at it next.
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::claim::AttemptRef;
+use crate::error::Result;
+use crate::state_machine::StepState;
+
+/// A successful attempt and its result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Success {
+    /// The attempt.
+    pub attempt: AttemptRef,
+    /// The handler's result, stored on the step.
+    pub result: serde_json::Value,
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The attempt.
+    pub attempt: AttemptRef,
+    /// What went wrong, for `last_error` and the history.
+    pub error: String,
+    /// Whether another attempt may succeed (if attempts remain).
+    pub retryable: bool,
+}
+
+/// What the database made of a reported outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// The step.
+    pub step_uuid: Uuid,
+    /// False when the fence rejected it (stale attempt, cancelled step).
+    pub accepted: bool,
+    /// The step's new state, when accepted.
+    pub state: Option<StepState>,
+}
+
+/// Records successful attempts (`tasker.complete_steps`), in one statement.
+pub async fn complete_steps(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    successes: &[Success],
+) -> Result<Vec<Recorded>> {
+    let uuids: Vec<Uuid> = successes.iter().map(|s| s.attempt.step_uuid).collect();
+    let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.attempt).collect();
+    let results: Vec<serde_json::Value> = successes.iter().map(|s| s.result.clone()).collect();
+    let rows = sqlx::query!(
+        r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!"
+           FROM tasker.complete_steps($1, $2, $3, $4)"#,
+        worker_id,
+        &uuids,
+        &attempts,
+        &results,
+    )
+    .fetch_all(executor)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Recorded {
+            step_uuid: r.step_uuid,
+            accepted: r.accepted,
+            state: r.accepted.then_some(StepState::Complete),
+        })
+        .collect())
+}
+
+/// Records failed attempts (`tasker.fail_steps`), in one statement.
+pub async fn fail_steps(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    failures: &[Failure],
+) -> Result<Vec<Recorded>> {
+    let uuids: Vec<Uuid> = failures.iter().map(|f| f.attempt.step_uuid).collect();
+    let attempts: Vec<i32> = failures.iter().map(|f| f.attempt.attempt).collect();
+    let errors: Vec<String> = failures.iter().map(|f| f.error.clone()).collect();
+    let retryable: Vec<bool> = failures.iter().map(|f| f.retryable).collect();
+    let rows = sqlx::query!(
+        r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", state AS "state: StepState"
+           FROM tasker.fail_steps($1, $2, $3, $4, $5)"#,
+        worker_id,
+        &uuids,
+        &attempts,
+        &errors,
+        &retryable,
+    )
+    .fetch_all(executor)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Recorded {
+            step_uuid: r.step_uuid,
+            accepted: r.accepted,
+            state: r.state,
+        })
+        .collect())
+}

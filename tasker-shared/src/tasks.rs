@@ -1,0 +1,507 @@
+//! Creating, reading and cancelling tasks.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::identifier::Identifier;
+use crate::state_machine::{StepState, TaskState};
+use crate::template::{StoredTemplate, Version, find_template};
+
+/// The most tasks one batch may create.
+pub const MAX_BATCH: usize = 1_000;
+
+/// A request to run a template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// The template's namespace.
+    pub namespace: Identifier,
+    /// The template's name.
+    pub name: Identifier,
+    /// A specific version, or the highest when `None`.
+    pub version: Option<Version>,
+    /// Input for the handlers.
+    pub context: serde_json::Value,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Makes submission idempotent within the namespace.
+    pub idempotency_key: Option<String>,
+}
+
+/// The outcome of one [`NewTask`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreatedTask {
+    /// The task (new, or the earlier one with the same idempotency key).
+    pub task_uuid: Uuid,
+    /// Its state now.
+    pub state: TaskState,
+    /// False when an earlier task with the same idempotency key was returned.
+    #[serde(skip)]
+    pub created: bool,
+}
+
+/// Creates tasks, their steps and dependency edges, due for orchestration at
+/// once, and notifies the task channel. Either all requests are applied or none:
+/// call it inside a transaction. Requests whose idempotency key was used before
+/// (or earlier in the same batch) return the existing task.
+pub async fn create_tasks(
+    conn: &mut PgConnection,
+    actor: &str,
+    requests: &[NewTask],
+) -> Result<Vec<CreatedTask>> {
+    if requests.len() > MAX_BATCH {
+        return Err(Error::InvalidInput(format!(
+            "a batch may create at most {MAX_BATCH} tasks, found {}",
+            requests.len()
+        )));
+    }
+    let templates = resolve_templates(conn, requests).await?;
+
+    let mut rows = CreateRows::default();
+    let mut planned = Vec::with_capacity(requests.len());
+    for request in requests {
+        let stored = &templates[&TemplateKey::of(request)];
+        let task_uuid = Uuid::now_v7();
+        planned.push(task_uuid);
+        rows.push_task(task_uuid, stored, request);
+    }
+
+    let inserted: Vec<Uuid> = sqlx::query_scalar!(
+        r#"WITH new_tasks AS (
+               INSERT INTO tasker.tasks (task_uuid, template_id, namespace, priority, context,
+                                         idempotency_key, ready_at, ready_since)
+               SELECT t.*, now(), now()
+               FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::jsonb[], $6::text[]) AS t
+               ON CONFLICT ON CONSTRAINT tasks_idempotency_key_unique DO NOTHING
+               RETURNING task_uuid
+           ), new_steps AS (
+               INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, handler, namespace, priority,
+                                                  config, max_attempts, backoff_ms, timeout_ms)
+               SELECT s.*
+               FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::text[], $11::text[], $12::int[],
+                           $13::jsonb[], $14::int[], $15::int[], $16::int[])
+                    AS s(step_uuid, task_uuid, name, handler, namespace, priority, config,
+                         max_attempts, backoff_ms, timeout_ms)
+               WHERE s.task_uuid IN (SELECT task_uuid FROM new_tasks)
+           ), new_edges AS (
+               INSERT INTO tasker.workflow_step_edges (to_step_uuid, from_step_uuid)
+               SELECT e.to_step, e.from_step
+               FROM unnest($17::uuid[], $18::uuid[], $19::uuid[]) AS e(task_uuid, to_step, from_step)
+               WHERE e.task_uuid IN (SELECT task_uuid FROM new_tasks)
+           ), history AS (
+               INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
+               SELECT task_uuid, NULL, 'pending', 'created', $20 FROM new_tasks
+           )
+           SELECT task_uuid AS "task_uuid!" FROM new_tasks"#,
+        &rows.task_uuids,
+        &rows.template_ids,
+        &rows.namespaces,
+        &rows.priorities,
+        &rows.contexts,
+        &rows.idempotency_keys as &[Option<String>],
+        &rows.step_uuids,
+        &rows.step_task_uuids,
+        &rows.step_names,
+        &rows.step_handlers,
+        &rows.step_namespaces,
+        &rows.step_priorities,
+        &rows.step_configs,
+        &rows.step_max_attempts,
+        &rows.step_backoff_ms,
+        &rows.step_timeout_ms,
+        &rows.edge_task_uuids,
+        &rows.edge_to,
+        &rows.edge_from,
+        actor,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+
+    if !inserted.is_empty() {
+        sqlx::query!("SELECT pg_notify(tasker.task_channel(), '')")
+            .execute(&mut *conn)
+            .await?;
+    }
+
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    let existing = existing_by_key(conn, requests, &planned, &inserted).await?;
+    requests
+        .iter()
+        .zip(planned)
+        .map(|(request, task_uuid)| {
+            if inserted.contains(&task_uuid) {
+                return Ok(CreatedTask {
+                    task_uuid,
+                    state: TaskState::Pending,
+                    created: true,
+                });
+            }
+            let key = (
+                request.namespace.to_string(),
+                request.idempotency_key.clone(),
+            );
+            existing.get(&key).cloned().ok_or_else(|| {
+                Error::Conflict("task with this idempotency key vanished during submission".into())
+            })
+        })
+        .collect()
+}
+
+/// Existing tasks for requests that were not inserted (idempotency key taken).
+async fn existing_by_key(
+    conn: &mut PgConnection,
+    requests: &[NewTask],
+    planned: &[Uuid],
+    inserted: &std::collections::HashSet<Uuid>,
+) -> Result<HashMap<(String, Option<String>), CreatedTask>> {
+    let (namespaces, keys): (Vec<String>, Vec<String>) = requests
+        .iter()
+        .zip(planned)
+        .filter(|(_, uuid)| !inserted.contains(uuid))
+        .filter_map(|(r, _)| Some((r.namespace.to_string(), r.idempotency_key.clone()?)))
+        .unzip();
+    if namespaces.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query!(
+        r#"SELECT t.task_uuid, t.namespace, t.idempotency_key, t.state AS "state: TaskState"
+           FROM tasker.tasks t
+           JOIN unnest($1::text[], $2::text[]) AS k(namespace, key)
+             ON t.namespace = k.namespace AND t.idempotency_key = k.key"#,
+        &namespaces,
+        &keys,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                (r.namespace, r.idempotency_key),
+                CreatedTask {
+                    task_uuid: r.task_uuid,
+                    state: r.state,
+                    created: false,
+                },
+            )
+        })
+        .collect())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TemplateKey {
+    namespace: Identifier,
+    name: Identifier,
+    version: Option<Version>,
+}
+
+impl TemplateKey {
+    fn of(request: &NewTask) -> Self {
+        TemplateKey {
+            namespace: request.namespace.clone(),
+            name: request.name.clone(),
+            version: request.version,
+        }
+    }
+}
+
+/// Looks up each distinct template once; names the first one that is missing.
+async fn resolve_templates(
+    conn: &mut PgConnection,
+    requests: &[NewTask],
+) -> Result<HashMap<TemplateKey, StoredTemplate>> {
+    let mut templates = HashMap::new();
+    for request in requests {
+        let key = TemplateKey::of(request);
+        if templates.contains_key(&key) {
+            continue;
+        }
+        let found = find_template(&mut *conn, &key.namespace, &key.name, key.version).await?;
+        let Some(stored) = found else {
+            let namespace_exists = sqlx::query_scalar!(
+                r#"SELECT EXISTS (SELECT 1 FROM tasker.namespaces WHERE name = $1) AS "exists!""#,
+                key.namespace.as_str()
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            return Err(if namespace_exists {
+                Error::NotFound {
+                    what: "template",
+                    key: match key.version {
+                        Some(v) => format!("{}/{} version {v}", key.namespace, key.name),
+                        None => format!("{}/{}", key.namespace, key.name),
+                    },
+                }
+            } else {
+                Error::NotFound {
+                    what: "namespace",
+                    key: key.namespace.to_string(),
+                }
+            });
+        };
+        templates.insert(key, stored);
+    }
+    Ok(templates)
+}
+
+/// Column arrays for the one-statement insert.
+#[derive(Debug, Default)]
+struct CreateRows {
+    task_uuids: Vec<Uuid>,
+    template_ids: Vec<i64>,
+    namespaces: Vec<String>,
+    priorities: Vec<i32>,
+    contexts: Vec<serde_json::Value>,
+    idempotency_keys: Vec<Option<String>>,
+    step_uuids: Vec<Uuid>,
+    step_task_uuids: Vec<Uuid>,
+    step_names: Vec<String>,
+    step_handlers: Vec<String>,
+    step_namespaces: Vec<String>,
+    step_priorities: Vec<i32>,
+    step_configs: Vec<serde_json::Value>,
+    step_max_attempts: Vec<i32>,
+    step_backoff_ms: Vec<i32>,
+    step_timeout_ms: Vec<i32>,
+    edge_task_uuids: Vec<Uuid>,
+    edge_to: Vec<Uuid>,
+    edge_from: Vec<Uuid>,
+}
+
+impl CreateRows {
+    fn push_task(&mut self, task_uuid: Uuid, stored: &StoredTemplate, request: &NewTask) {
+        let template = &stored.template;
+        self.task_uuids.push(task_uuid);
+        self.template_ids.push(stored.template_id);
+        self.namespaces.push(template.namespace.to_string());
+        self.priorities.push(request.priority);
+        self.contexts.push(request.context.clone());
+        self.idempotency_keys.push(request.idempotency_key.clone());
+
+        let step_uuids: HashMap<&str, Uuid> = template
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), Uuid::now_v7()))
+            .collect();
+        for step in &template.steps {
+            let step_uuid = step_uuids[step.name.as_str()];
+            self.step_uuids.push(step_uuid);
+            self.step_task_uuids.push(task_uuid);
+            self.step_names.push(step.name.to_string());
+            self.step_handlers.push(step.handler.to_string());
+            self.step_namespaces.push(template.namespace.to_string());
+            self.step_priorities.push(request.priority);
+            self.step_configs.push(step.config.clone());
+            self.step_max_attempts.push(step.max_attempts);
+            self.step_backoff_ms.push(step.backoff_ms);
+            self.step_timeout_ms.push(step.timeout_ms);
+            for dependency in &step.depends_on {
+                self.edge_task_uuids.push(task_uuid);
+                self.edge_to.push(step_uuid);
+                self.edge_from.push(step_uuids[dependency.as_str()]);
+            }
+        }
+    }
+}
+
+/// A task with its steps and history, as `GET /v1/tasks/{uuid}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskDetails {
+    /// The task.
+    pub task_uuid: Uuid,
+    /// Template namespace.
+    pub namespace: String,
+    /// Template name.
+    pub name: String,
+    /// Template version.
+    pub version: String,
+    /// Current state.
+    pub state: TaskState,
+    /// Priority.
+    pub priority: i32,
+    /// Context as submitted.
+    pub context: serde_json::Value,
+    /// Idempotency key, if one was given.
+    pub idempotency_key: Option<String>,
+    /// Submission time.
+    pub created_at: DateTime<Utc>,
+    /// When it reached a final state.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The steps, in creation order.
+    pub steps: Vec<StepDetails>,
+    /// Task state changes, oldest first.
+    pub transitions: Vec<TransitionRecord>,
+}
+
+/// One step of [`TaskDetails`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepDetails {
+    /// The step.
+    pub step_uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its handler.
+    pub handler: String,
+    /// Current state.
+    pub state: StepState,
+    /// Attempts started.
+    pub attempts: i32,
+    /// Attempt budget.
+    pub max_attempts: i32,
+    /// The result, once complete.
+    pub result: Option<serde_json::Value>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When its retry is scheduled.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// Step state changes, oldest first.
+    pub transitions: Vec<TransitionRecord>,
+}
+
+/// One history row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransitionRecord {
+    /// Previous state (none for creation).
+    pub from: Option<String>,
+    /// New state.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+    /// Who: an instance id, or "api".
+    pub actor: String,
+    /// When (database clock).
+    pub at: DateTime<Utc>,
+    /// For steps: the attempt it concerns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
+}
+
+/// Reads a task with its steps and history; `None` if there is no such task.
+pub async fn get_task(conn: &mut PgConnection, task_uuid: Uuid) -> Result<Option<TaskDetails>> {
+    let Some(task) = sqlx::query!(
+        r#"SELECT t.task_uuid, t.namespace, tt.name, tt.version, t.state AS "state: TaskState",
+                  t.priority, t.context, t.idempotency_key, t.created_at, t.completed_at
+           FROM tasker.tasks t JOIN tasker.task_templates tt USING (template_id)
+           WHERE t.task_uuid = $1"#,
+        task_uuid
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+
+    let transitions = sqlx::query!(
+        r#"SELECT from_state, to_state, reason, actor, created_at
+           FROM tasker.task_transitions WHERE task_uuid = $1 ORDER BY transition_id"#,
+        task_uuid
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| TransitionRecord {
+        from: r.from_state,
+        to: r.to_state,
+        reason: r.reason,
+        actor: r.actor,
+        at: r.created_at,
+        attempt: None,
+    })
+    .collect();
+
+    let mut step_history: HashMap<Uuid, Vec<TransitionRecord>> = HashMap::new();
+    for r in sqlx::query!(
+        r#"SELECT step_uuid, attempt, from_state, to_state, reason, actor, created_at
+           FROM tasker.workflow_step_transitions WHERE task_uuid = $1 ORDER BY transition_id"#,
+        task_uuid
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        step_history
+            .entry(r.step_uuid)
+            .or_default()
+            .push(TransitionRecord {
+                from: r.from_state,
+                to: r.to_state,
+                reason: r.reason,
+                actor: r.actor,
+                at: r.created_at,
+                attempt: Some(r.attempt),
+            });
+    }
+
+    let steps = sqlx::query!(
+        r#"SELECT step_uuid, name, handler, state AS "state: StepState", attempts, max_attempts,
+                  result, last_error, next_retry_at
+           FROM tasker.workflow_steps WHERE task_uuid = $1 ORDER BY step_uuid"#,
+        task_uuid
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| StepDetails {
+        transitions: step_history.remove(&r.step_uuid).unwrap_or_default(),
+        step_uuid: r.step_uuid,
+        name: r.name,
+        handler: r.handler,
+        state: r.state,
+        attempts: r.attempts,
+        max_attempts: r.max_attempts,
+        result: r.result,
+        last_error: r.last_error,
+        next_retry_at: r.next_retry_at,
+    })
+    .collect();
+
+    Ok(Some(TaskDetails {
+        task_uuid: task.task_uuid,
+        namespace: task.namespace,
+        name: task.name,
+        version: task.version,
+        state: task.state,
+        priority: task.priority,
+        context: task.context,
+        idempotency_key: task.idempotency_key,
+        created_at: task.created_at,
+        completed_at: task.completed_at,
+        steps,
+        transitions,
+    }))
+}
+
+/// The outcome of a cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancellation {
+    /// True if this call cancelled the task; false if it was already final.
+    pub cancelled: bool,
+    /// The task's state after the call.
+    pub state: TaskState,
+    /// How many unfinished steps were cancelled.
+    pub steps_cancelled: i32,
+}
+
+/// Cancels a task and its unfinished steps (`tasker.cancel_task`).
+pub async fn cancel_task(
+    executor: impl PgExecutor<'_>,
+    task_uuid: Uuid,
+    actor: &str,
+    reason: &str,
+) -> Result<Option<Cancellation>> {
+    let row = sqlx::query_as!(
+        Cancellation,
+        r#"SELECT cancelled AS "cancelled!", state AS "state!: TaskState",
+                  steps_cancelled AS "steps_cancelled!"
+           FROM tasker.cancel_task($1, $2, $3)"#,
+        task_uuid,
+        actor,
+        reason,
+    )
+    .fetch_optional(executor)
+    .await?;
+    Ok(row)
+}

@@ -1,0 +1,472 @@
+//! Claiming really locks: concurrent claimers, lease expiry and fencing,
+//! concurrent finalization.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+use support::*;
+use tasker_shared::claim::{self, DiscoveredVia, Release};
+use tasker_shared::finalize;
+use tasker_shared::state_machine::{StepState, TaskState};
+use tasker_shared::step_result::{self, Failure, Success};
+use uuid::Uuid;
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn eight_concurrent_claimers_take_each_due_task_exactly_once(
+    pool_options: PgPoolOptions,
+    connect_options: PgConnectOptions,
+) {
+    let pool = pool_options
+        .connect_with(connect_options.clone())
+        .await
+        .unwrap();
+    let t = single("claims");
+    publish(&pool, &t).await;
+    let submitted = submit(&pool, &t, 2_000).await;
+
+    // Each claimer has its own connection. lock_timeout turns any wait for
+    // another claimer's row lock into an error, so "never blocks" is checked,
+    // not assumed.
+    let mut claimers = Vec::new();
+    for i in 0..8 {
+        let options = connect_options.clone();
+        claimers.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect_with(&options).await.unwrap();
+            sqlx::query("SET lock_timeout = '20ms'")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let me = format!("claimer-{i}");
+            let mut mine = Vec::new();
+            loop {
+                let batch = claim::claim_ready_tasks(
+                    &mut conn,
+                    &me,
+                    13,
+                    Duration::from_secs(600),
+                    DiscoveredVia::Poll,
+                )
+                .await
+                .expect("claim must not wait on another claimer's locks");
+                if batch.is_empty() {
+                    break;
+                }
+                mine.extend(batch.into_iter().map(|c| c.task_uuid));
+            }
+            (me, mine)
+        }));
+    }
+
+    let mut owner: HashMap<Uuid, String> = HashMap::new();
+    let mut claimers_with_work = 0;
+    for claimer in claimers {
+        let (me, mine) = claimer.await.unwrap();
+        claimers_with_work += usize::from(!mine.is_empty());
+        for task in mine {
+            if let Some(first) = owner.insert(task, me.clone()) {
+                panic!("task {task} claimed by both {first} and {me}");
+            }
+        }
+    }
+    assert_eq!(owner.len(), submitted.len(), "every task claimed");
+    assert!(
+        claimers_with_work > 1,
+        "claims were spread over several claimers"
+    );
+
+    let (claimed_by_db,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM tasker.tasks WHERE claimed_by IS NOT NULL AND claim_seq = 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        claimed_by_db, 2_000,
+        "each task claimed once: claim_seq is 1 everywhere"
+    );
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn claims_take_higher_priority_then_older_work_first(pool: PgPool) {
+    let t = single("prio");
+    publish(&pool, &t).await;
+    let mut tx = pool.begin().await.unwrap();
+    let mut requests = Vec::new();
+    for priority in [0, 5, 0, 9] {
+        let mut r = new_task(&t);
+        r.priority = priority;
+        requests.push(r);
+    }
+    let created = tasker_shared::tasks::create_tasks(&mut tx, "test", &requests)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let claims = claim::claim_ready_tasks(&pool, ORCH, 10, LEASE, DiscoveredVia::Poll)
+        .await
+        .unwrap();
+    let order: Vec<Uuid> = claims.iter().map(|c| c.task_uuid).collect();
+    // All four were created in one statement with the same ready_at; among
+    // equal priorities the order is not specified, so check priorities only.
+    let priorities: Vec<i32> = claims.iter().map(|c| c.priority).collect();
+    assert_eq!(priorities, [9, 5, 0, 0]);
+    assert_eq!(order[0], created[3].task_uuid);
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn an_expired_step_lease_is_claimable_again_and_the_stale_owner_is_fenced_out(pool: PgPool) {
+    let t = single("lease");
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+
+    enqueue_pass(&pool, ORCH).await;
+    let first = claim_steps(&pool, "worker-a", 10).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempt, 1);
+
+    // worker-a goes silent; its lease runs out and the rescuer fails the attempt.
+    let mut conn = pool.acquire().await.unwrap();
+    expire_leases(&mut conn, task).await;
+    let expired = tasker_shared::orchestration::expire_step_leases(&pool, "rescuer", 100)
+        .await
+        .unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].state, StepState::WaitingForRetry);
+
+    // The orchestrator schedules the retry for now and enqueues it.
+    let retries = tasker_shared::orchestration::unscheduled_retries(&pool, &[task])
+        .await
+        .unwrap();
+    assert_eq!(retries.len(), 1);
+    let now = chrono::Utc::now() - chrono::Duration::milliseconds(1);
+    tasker_shared::orchestration::schedule_step_retries(&pool, &[(retries[0].step_uuid, now)])
+        .await
+        .unwrap();
+    let enqueued = enqueue_pass(&pool, ORCH).await;
+    assert_eq!(enqueued.len(), 1, "the retry was enqueued");
+
+    let second = claim_steps(&pool, "worker-b", 10).await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].attempt, 2);
+
+    // The first owner's late result is rejected; the second owner's is recorded.
+    let late = step_result::complete_steps(
+        &pool,
+        "worker-a",
+        &[Success {
+            attempt: first[0].attempt_ref(),
+            result: serde_json::json!({"from": "a"}),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(!late[0].accepted, "stale completion must be rejected");
+    // Presenting the new attempt number does not help someone who does not own it.
+    let forged = step_result::complete_steps(
+        &pool,
+        "worker-a",
+        &[Success {
+            attempt: second[0].attempt_ref(),
+            result: serde_json::json!({"from": "a"}),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(
+        !forged[0].accepted,
+        "another worker's attempt must be rejected"
+    );
+
+    let ok = step_result::complete_steps(
+        &pool,
+        "worker-b",
+        &[Success {
+            attempt: second[0].attempt_ref(),
+            result: serde_json::json!({"from": "b"}),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(ok[0].accepted);
+
+    let result: serde_json::Value =
+        sqlx::query_scalar("SELECT result FROM tasker.workflow_steps WHERE task_uuid = $1")
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(result, serde_json::json!({"from": "b"}));
+
+    let history: Vec<(i32, Option<String>, String, String)> = sqlx::query_as(
+        "SELECT attempt, from_state, to_state, actor FROM tasker.workflow_step_transitions
+         WHERE task_uuid = $1 ORDER BY transition_id",
+    )
+    .bind(task)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let expected: Vec<(i32, Option<String>, String, String)> = [
+        (0, "pending", "enqueued", ORCH),
+        (1, "enqueued", "in_progress", "worker-a"),
+        (1, "in_progress", "waiting_for_retry", "rescuer"),
+        (1, "waiting_for_retry", "enqueued", ORCH),
+        (2, "enqueued", "in_progress", "worker-b"),
+        (2, "in_progress", "complete", "worker-b"),
+    ]
+    .into_iter()
+    .map(|(a, f, t, w)| (a, Some(f.to_owned()), t.to_owned(), w.to_owned()))
+    .collect();
+    assert_eq!(history, expected);
+    assert_invariants(&pool).await;
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn an_expired_task_claim_passes_to_another_orchestrator_and_fences_the_first(pool: PgPool) {
+    let t = single("taskclaim");
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+
+    let first = claim_all(&pool, "orch-a").await;
+    assert_eq!(first.len(), 1);
+    assert!(
+        claim_all(&pool, "orch-b").await.is_empty(),
+        "held claims are not claimable"
+    );
+
+    let mut conn = pool.acquire().await.unwrap();
+    expire_leases(&mut conn, task).await;
+    let second = claim_all(&pool, "orch-b").await;
+    assert_eq!(second.len(), 1, "an expired claim is claimable again");
+    assert_eq!(second[0].claim_seq, first[0].claim_seq + 1);
+
+    // orch-a's late writes are fenced out.
+    let released = claim::release_task_claims(&pool, "orch-a", &[Release::of(&first[0], None)])
+        .await
+        .unwrap();
+    assert!(released.is_empty(), "stale release must not apply");
+    let extended = claim::extend_task_claims(&pool, "orch-a", &[&first[0]], LEASE)
+        .await
+        .unwrap();
+    assert!(extended.is_empty(), "stale extension must not apply");
+    let moved = tasker_shared::orchestration::transition_tasks(
+        &pool,
+        "orch-a",
+        &[tasker_shared::orchestration::TaskTransition {
+            task_uuid: task,
+            claim_seq: first[0].claim_seq,
+            from: TaskState::Pending,
+            to: TaskState::Cancelled,
+            reason: "stale".into(),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(moved.is_empty(), "stale transition must not apply");
+    let enqueued = tasker_shared::orchestration::enqueue_ready_steps(&pool, "orch-a", &first)
+        .await
+        .unwrap();
+    assert!(enqueued.is_empty(), "stale enqueue must not apply");
+
+    // orch-b holds it and can act.
+    let extended = claim::extend_task_claims(&pool, "orch-b", &[&second[0]], LEASE)
+        .await
+        .unwrap();
+    assert_eq!(extended, [task]);
+    let released = claim::release_task_claims(&pool, "orch-b", &[Release::of(&second[0], None)])
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(task_state(&pool, task).await, TaskState::Pending);
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_task_woken_while_claimed_stays_due_after_release(pool: PgPool) {
+    let t = template("wake", "pair", &[("a", &[]), ("b", &[])]);
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+    enqueue_pass(&pool, ORCH).await;
+    let steps = claim_steps(&pool, "w", 10).await;
+
+    // An orchestrator holds the task while a worker completes a step.
+    let claim = claim_all(&pool, ORCH).await;
+    assert!(claim.is_empty(), "nothing due yet");
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success {
+            attempt: steps[0].attempt_ref(),
+            result: serde_json::json!(1),
+        }],
+    )
+    .await
+    .unwrap();
+    let claim = claim_all(&pool, ORCH).await;
+    assert_eq!(claim.len(), 1);
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success {
+            attempt: steps[1].attempt_ref(),
+            result: serde_json::json!(2),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(claim_all(&pool, "other").await.is_empty(), "still held");
+
+    let released = claim::release_task_claims(&pool, ORCH, &[Release::of(&claim[0], None)])
+        .await
+        .unwrap();
+    assert_eq!(released.len(), 1);
+    assert!(
+        released[0].still_due,
+        "the wake-up during the claim is not lost"
+    );
+    assert_eq!(claim_all(&pool, "other").await.len(), 1);
+    let _ = task;
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn of_two_concurrent_finalizers_exactly_one_wins(
+    pool_options: PgPoolOptions,
+    connect_options: PgConnectOptions,
+) {
+    let pool = pool_options
+        .connect_with(connect_options.clone())
+        .await
+        .unwrap();
+    let t = single("finalize");
+    publish(&pool, &t).await;
+    let tasks = submit(&pool, &t, 10).await;
+    enqueue_pass(&pool, ORCH).await;
+    let steps = claim_steps(&pool, "w", 100).await;
+    let successes: Vec<Success> = steps
+        .iter()
+        .map(|s| Success {
+            attempt: s.attempt_ref(),
+            result: serde_json::json!(null),
+        })
+        .collect();
+    step_result::complete_steps(&pool, "w", &successes)
+        .await
+        .unwrap();
+
+    let mut gate = PgConnection::connect_with(&connect_options).await.unwrap();
+    for &task in &tasks {
+        // Hold the task row so that both finalizers are certainly in flight at
+        // once, queued on the same lock; then let them race.
+        let mut hold = gate.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM tasker.tasks WHERE task_uuid = $1 FOR UPDATE")
+            .bind(task)
+            .execute(&mut *hold)
+            .await
+            .unwrap();
+        let racers: Vec<_> = ["orch-a", "orch-b"]
+            .into_iter()
+            .map(|me| {
+                let options = connect_options.clone();
+                tokio::spawn(async move {
+                    let mut conn = PgConnection::connect_with(&options).await.unwrap();
+                    finalize::claim_task_for_finalization(&mut conn, task, me)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        wait_for_lock_waiters(&pool, 2).await;
+        hold.commit().await.unwrap();
+        let mut results = Vec::new();
+        for racer in racers {
+            results.push(racer.await.unwrap());
+        }
+        let (ra, rb) = (&results[0], &results[1]);
+        assert!(
+            ra.finalized ^ rb.finalized,
+            "exactly one finalizer wins for {task}: {ra:?} / {rb:?}"
+        );
+        assert_eq!(ra.state, Some(TaskState::Complete));
+        assert_eq!(rb.state, Some(TaskState::Complete));
+    }
+    let (finalizations,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM tasker.task_transitions WHERE to_state = 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(finalizations, 10, "one completion transition per task");
+    assert_invariants(&pool).await;
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn finalization_waits_for_running_steps_and_fails_a_task_with_a_permanent_failure(
+    pool: PgPool,
+) {
+    let t = template("fin", "pair", &[("a", &[]), ("b", &[]), ("c", &["a", "b"])]);
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+    enqueue_pass(&pool, ORCH).await;
+    let steps = claim_steps(&pool, "w", 10).await;
+    assert_eq!(steps.len(), 2);
+
+    let recorded = step_result::fail_steps(
+        &pool,
+        "w",
+        &[Failure {
+            attempt: steps[0].attempt_ref(),
+            error: "boom".into(),
+            retryable: false,
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(recorded[0].state, Some(StepState::Error));
+
+    let early = finalize::claim_task_for_finalization(&pool, task, ORCH)
+        .await
+        .unwrap();
+    assert!(!early.finalized, "a step is still running: {early:?}");
+    assert!(early.detail.contains("1 in flight"), "{}", early.detail);
+
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success {
+            attempt: steps[1].attempt_ref(),
+            result: serde_json::json!(1),
+        }],
+    )
+    .await
+    .unwrap();
+    let done = finalize::claim_task_for_finalization(&pool, task, ORCH)
+        .await
+        .unwrap();
+    assert!(done.finalized);
+    assert_eq!(done.state, Some(TaskState::Error));
+    assert_eq!(step_state(&pool, task, "c").await, StepState::Cancelled);
+    assert_invariants(&pool).await;
+}
+
+/// Waits until `n` sessions wait for a lock.
+async fn wait_for_lock_waiters(pool: &PgPool, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {waiting} of {n} sessions waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,257 @@
+//! DAG readiness, template validation in SQL, and discovery cost.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use sqlx::PgPool;
+use support::*;
+use tasker_shared::state_machine::StepState;
+use tasker_shared::step_result::{self, Success};
+use uuid::Uuid;
+
+async fn enqueued_names(pool: &PgPool, task: Uuid) -> BTreeSet<String> {
+    let names = enqueue_pass(pool, ORCH)
+        .await
+        .into_iter()
+        .filter(|e| e.task_uuid == task)
+        .map(|e| e.step_uuid)
+        .collect::<Vec<_>>();
+    sqlx::query_scalar("SELECT name FROM tasker.workflow_steps WHERE step_uuid = ANY($1)")
+        .bind(&names)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Claims and completes `name`, checking it was the only runnable step.
+async fn run_only_runnable_step(pool: &PgPool, name: &str) {
+    let claims = claim_steps(pool, "w", 10).await;
+    assert_eq!(claims.len(), 1, "only {name} was runnable, got {claims:?}");
+    assert_eq!(claims[0].name, name);
+    let recorded = step_result::complete_steps(
+        pool,
+        "w",
+        &[Success {
+            attempt: claims[0].attempt_ref(),
+            result: serde_json::json!(name),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(recorded[0].accepted);
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_diamond_runs_a_then_b_and_c_together_then_d(pool: PgPool) {
+    let t = diamond("dag");
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+
+    assert_eq!(
+        enqueued_names(&pool, task).await,
+        BTreeSet::from(["a".to_owned()])
+    );
+    assert!(
+        enqueued_names(&pool, task).await.is_empty(),
+        "nothing new before a completes"
+    );
+    run_only_runnable_step(&pool, "a").await;
+
+    assert_eq!(
+        enqueued_names(&pool, task).await,
+        BTreeSet::from(["b".to_owned(), "c".to_owned()])
+    );
+    let claims = claim_steps(&pool, "w", 10).await;
+    assert_eq!(claims.len(), 2, "b and c run in parallel");
+    let b = claims.iter().find(|c| c.name == "b").unwrap();
+    let c = claims.iter().find(|c| c.name == "c").unwrap();
+    assert_eq!(
+        b.dependency_results,
+        serde_json::json!({"a": "a"}),
+        "b sees a's result"
+    );
+
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success {
+            attempt: b.attempt_ref(),
+            result: serde_json::json!("b"),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(
+        enqueued_names(&pool, task).await.is_empty(),
+        "d waits for c"
+    );
+    assert_eq!(step_state(&pool, task, "d").await, StepState::Pending);
+
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success {
+            attempt: c.attempt_ref(),
+            result: serde_json::json!("c"),
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        enqueued_names(&pool, task).await,
+        BTreeSet::from(["d".to_owned()])
+    );
+    let d = claim_steps(&pool, "w", 10).await;
+    assert_eq!(
+        d[0].dependency_results,
+        serde_json::json!({"b": "b", "c": "c"})
+    );
+    assert_invariants(&pool).await;
+}
+
+/// The trigger guards every writer, not only the API: raw inserts of bad DAGs
+/// fail with SQLSTATE TK002 and a message naming the problem.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn the_database_rejects_cyclic_and_dangling_templates_naming_the_problem(pool: PgPool) {
+    sqlx::query("INSERT INTO tasker.namespaces (name) VALUES ('raw')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let cases = [
+        (
+            serde_json::json!({"steps": [
+                {"name": "a", "handler": "noop", "depends_on": ["c"]},
+                {"name": "b", "handler": "noop", "depends_on": ["a"]},
+                {"name": "c", "handler": "noop", "depends_on": ["b"]}]}),
+            "steps form a cycle: a, b, c",
+        ),
+        (
+            serde_json::json!({"steps": [
+                {"name": "a", "handler": "noop", "depends_on": []},
+                {"name": "b", "handler": "noop", "depends_on": ["ghost"]}]}),
+            "step b depends on unknown step \"ghost\"",
+        ),
+        (
+            serde_json::json!({"steps": [
+                {"name": "a", "handler": "noop"}, {"name": "a", "handler": "noop"}]}),
+            "step name a is used twice",
+        ),
+        (
+            serde_json::json!({"steps": []}),
+            "non-empty \"steps\" array",
+        ),
+    ];
+    for (definition, expected) in cases {
+        let err = sqlx::query(
+            "INSERT INTO tasker.task_templates (namespace, name, version, definition)
+             VALUES ('raw', 'bad', '1.0.0', $1)",
+        )
+        .bind(&definition)
+        .execute(&pool)
+        .await
+        .expect_err("a bad template must be rejected");
+        let db = err.as_database_error().unwrap();
+        assert_eq!(db.code().as_deref(), Some("TK002"));
+        assert!(
+            db.message().contains(expected),
+            "{} should mention {expected}",
+            db.message()
+        );
+    }
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM tasker.task_templates")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_published_version_is_immutable(pool: PgPool) {
+    let t = single("immutable");
+    publish(&pool, &t).await;
+    publish(&pool, &t).await; // same definition again: a no-op
+
+    let mut changed = t.clone();
+    changed.steps[0].max_attempts = 7;
+    let mut tx = pool.begin().await.unwrap();
+    let err = tasker_shared::template::publish_template(&mut tx, &changed)
+        .await
+        .expect_err("conflict");
+    assert!(matches!(err, tasker_shared::Error::Conflict(_)), "{err}");
+}
+
+/// Principle 4: discovery only touches due work. With ten thousand finished
+/// tasks in the table, the claim query is an index scan of the due-work index
+/// and never reads a finished task.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn claiming_reads_only_the_due_work_index(pool: PgPool) {
+    let t = single("explain");
+    publish(&pool, &t).await;
+    let tasks = submit(&pool, &t, 10_000).await;
+    // Finish them all, the way finalization leaves them.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE tasker.tasks SET state = 'complete', completed_at = now(), ready_at = NULL, ready_since = NULL",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE tasker.tasks")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    submit(&pool, &t, 5).await;
+    assert_eq!(tasks.len(), 10_000);
+
+    // The claim function's candidate query, as it runs inside claim_ready_tasks.
+    let (plan,): (serde_json::Value,) = sqlx::query_as(
+        "EXPLAIN (ANALYZE, FORMAT JSON)
+         SELECT d.task_uuid FROM tasker.due_tasks d
+         ORDER BY d.priority DESC, d.ready_at LIMIT 50 FOR NO KEY UPDATE SKIP LOCKED",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    let text = plan.to_string();
+    assert!(
+        text.contains("\"Index Name\":\"tasks_due_idx\""),
+        "uses the due-work index: {text}"
+    );
+    assert!(!text.contains("Seq Scan"), "never scans the table: {text}");
+    let mut scans = Vec::new();
+    collect_scans(&plan[0]["Plan"], &mut scans);
+    let rows_read: f64 = scans
+        .iter()
+        .map(|n| n["Actual Rows"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(
+        rows_read <= 5.0,
+        "read {rows_read} rows for 5 due tasks: {text}"
+    );
+
+    let claimed = claim_all(&pool, ORCH).await;
+    assert_eq!(claimed.len(), 5);
+}
+
+fn collect_scans<'a>(node: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
+    if node["Node Type"]
+        .as_str()
+        .is_some_and(|t| t.contains("Scan"))
+    {
+        out.push(node);
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        collect_scans(child, out);
+    }
+}

@@ -1,0 +1,444 @@
+//! The state machines: one table in Rust, mirrored in SQL, enforced by both,
+//! and a property test of random, duplicated and stale events against a model.
+
+mod support;
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use sqlx::{Connection, PgPool};
+use support::*;
+use tasker_shared::claim::AttemptRef;
+use tasker_shared::state_machine::{StepEvent, StepState, TaskEvent, TaskState};
+use tasker_shared::step_result::{self, Failure, Success};
+use uuid::Uuid;
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn the_sql_machines_mirror_the_rust_tables(pool: PgPool) {
+    let mut sql_tasks: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT from_state, event, to_state FROM tasker.task_state_machine")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let mut rust_tasks: Vec<(String, String, String)> = TaskState::TRANSITIONS
+        .iter()
+        .map(|(f, e, t)| (f.to_string(), e.to_string(), t.to_string()))
+        .collect();
+    sql_tasks.sort();
+    rust_tasks.sort();
+    assert_eq!(sql_tasks, rust_tasks);
+
+    let mut sql_steps: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT from_state, event, to_state FROM tasker.step_state_machine")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let mut rust_steps: Vec<(String, String, String)> = StepState::TRANSITIONS
+        .iter()
+        .map(|(f, e, t)| (f.to_string(), e.to_string(), t.to_string()))
+        .collect();
+    sql_steps.sort();
+    rust_steps.sort();
+    assert_eq!(sql_steps, rust_steps);
+}
+
+#[test]
+fn rust_rejects_every_event_not_in_the_table() {
+    for &state in TaskState::ALL {
+        for &event in TaskEvent::ALL {
+            let listed = TaskState::TRANSITIONS
+                .iter()
+                .find(|(f, e, _)| *f == state && *e == event);
+            match (state.apply(event), listed) {
+                (Ok(to), Some((_, _, expected))) => assert_eq!(to, *expected),
+                (Err(err), None) => assert!(err.to_string().contains(event.as_str())),
+                (got, listed) => panic!("{state} + {event}: got {got:?}, table says {listed:?}"),
+            }
+        }
+    }
+    for &state in StepState::ALL {
+        for &event in StepEvent::ALL {
+            let listed = StepState::TRANSITIONS
+                .iter()
+                .find(|(f, e, _)| *f == state && *e == event);
+            assert_eq!(
+                state.apply(event).ok(),
+                listed.map(|(_, _, to)| *to),
+                "{state} + {event}"
+            );
+        }
+    }
+    assert!(
+        TaskState::Complete.is_final()
+            && TaskState::Error.is_final()
+            && TaskState::Cancelled.is_final()
+    );
+    assert!(!TaskState::BlockedByFailures.is_final());
+}
+
+/// For every ordered pair of states, puts a row in the first (with the guard
+/// triggers switched off for this session only) and tries to move it to the
+/// second with the guards on. Exactly the pairs in the table may pass.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn sql_guards_reject_every_transition_not_in_the_table(pool: PgPool) {
+    let t = single("guards");
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+    let mut conn = pool.acquire().await.unwrap();
+
+    for &from in TaskState::ALL {
+        for &to in TaskState::ALL {
+            if from == to {
+                continue;
+            }
+            force_state(&mut conn, "tasks", "task_uuid", task, from.as_str()).await;
+            let allowed = TaskState::TRANSITIONS
+                .iter()
+                .any(|(f, _, t)| *f == from && *t == to);
+            let result = sqlx::query("UPDATE tasker.tasks SET state = $1 WHERE task_uuid = $2")
+                .bind(to.as_str())
+                .bind(task)
+                .execute(&mut *conn)
+                .await;
+            check_guard(result, allowed, &format!("task {from} -> {to}"));
+        }
+    }
+
+    let step: Uuid =
+        sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1")
+            .bind(task)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    for &from in StepState::ALL {
+        for &to in StepState::ALL {
+            if from == to {
+                continue;
+            }
+            force_state(
+                &mut conn,
+                "workflow_steps",
+                "step_uuid",
+                step,
+                from.as_str(),
+            )
+            .await;
+            let allowed = StepState::TRANSITIONS
+                .iter()
+                .any(|(f, _, t)| *f == from && *t == to);
+            let result =
+                sqlx::query("UPDATE tasker.workflow_steps SET state = $1 WHERE step_uuid = $2")
+                    .bind(to.as_str())
+                    .bind(step)
+                    .execute(&mut *conn)
+                    .await;
+            check_guard(result, allowed, &format!("step {from} -> {to}"));
+        }
+    }
+
+    // Rows must start in pending.
+    let bad_insert = sqlx::query(
+        "INSERT INTO tasker.tasks (task_uuid, template_id, namespace, state)
+         SELECT gen_random_uuid(), template_id, namespace, 'complete' FROM tasker.task_templates LIMIT 1",
+    )
+    .execute(&mut *conn)
+    .await;
+    check_guard(bad_insert, false, "insert a task as complete");
+}
+
+async fn force_state(conn: &mut sqlx::PgConnection, table: &str, key: &str, id: Uuid, state: &str) {
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE tasker.{table} SET state = $1 WHERE {key} = $2"
+    )))
+    .bind(state)
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+fn check_guard(
+    result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>,
+    allowed: bool,
+    what: &str,
+) {
+    match result {
+        Ok(_) => assert!(allowed, "{what} must be rejected"),
+        Err(err) => {
+            assert!(!allowed, "{what} must be allowed, got {err}");
+            let db = err.as_database_error().expect("a database error");
+            assert_eq!(db.code().as_deref(), Some("TK001"), "{what}: {err}");
+            let mapped = tasker_shared::Error::from(err);
+            assert!(
+                matches!(mapped, tasker_shared::Error::InvalidTransition(_)),
+                "{mapped}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Property: random, duplicated and stale events against a model.
+
+/// What a test step can be told, by any of the parties that touch it.
+#[derive(Debug, Clone)]
+enum Op {
+    /// An orchestrator pass: enqueue what is runnable (first run or due retry).
+    Enqueue,
+    /// A worker claims enqueued steps.
+    Claim(usize),
+    /// A worker reports success for the attempt it believes it runs; `stale`
+    /// reports for the previous attempt instead.
+    Complete { worker: usize, stale: bool },
+    /// A worker reports failure.
+    Fail {
+        worker: usize,
+        stale: bool,
+        retryable: bool,
+    },
+    /// Time passes beyond the lease; the rescuer runs.
+    ExpireLease,
+    /// A user cancels the task.
+    Cancel,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => Just(Op::Enqueue),
+        3 => (0..2usize).prop_map(Op::Claim),
+        3 => (0..2usize, proptest::bool::weighted(0.2)).prop_map(|(worker, stale)| Op::Complete { worker, stale }),
+        3 => (0..2usize, proptest::bool::weighted(0.2), any::<bool>())
+            .prop_map(|(worker, stale, retryable)| Op::Fail { worker, stale, retryable }),
+        1 => Just(Op::ExpireLease),
+        1 => Just(Op::Cancel),
+    ]
+}
+
+/// The simple model: the rules in plain words, using the Rust table for moves.
+#[derive(Debug, Clone)]
+struct Model {
+    state: StepState,
+    attempts: i32,
+    owner: Option<usize>,
+    max_attempts: i32,
+    cancelled: bool,
+}
+
+impl Model {
+    fn step(&mut self, event: StepEvent) {
+        self.state = self
+            .state
+            .apply(event)
+            .expect("the model only makes table moves");
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Enqueue => {
+                if !self.cancelled
+                    && matches!(self.state, StepState::Pending | StepState::WaitingForRetry)
+                {
+                    self.step(StepEvent::Enqueue);
+                }
+            }
+            Op::Claim(worker) => {
+                if self.state == StepState::Enqueued {
+                    self.step(StepEvent::Start);
+                    self.attempts += 1;
+                    self.owner = Some(worker);
+                }
+            }
+            Op::Complete { worker, stale } => {
+                if self.state == StepState::InProgress && self.owner == Some(worker) && !stale {
+                    self.step(StepEvent::Complete);
+                }
+            }
+            Op::Fail {
+                worker,
+                stale,
+                retryable,
+            } => {
+                if self.state == StepState::InProgress && self.owner == Some(worker) && !stale {
+                    let retry = retryable && self.attempts < self.max_attempts;
+                    self.step(if retry {
+                        StepEvent::Retry
+                    } else {
+                        StepEvent::Fail
+                    });
+                }
+            }
+            Op::ExpireLease => {
+                if self.state == StepState::InProgress {
+                    let retry = self.attempts < self.max_attempts;
+                    self.step(if retry {
+                        StepEvent::Retry
+                    } else {
+                        StepEvent::Fail
+                    });
+                }
+            }
+            Op::Cancel => {
+                if !self.state.is_final() {
+                    self.step(StepEvent::Cancel);
+                }
+                self.cancelled = true;
+            }
+        }
+    }
+}
+
+const WORKERS: [&str; 2] = ["worker-0", "worker-1"];
+
+async fn run_case(pool: &PgPool, ops: &[Op]) {
+    let t = single("prop");
+    let task = submit(pool, &t, 1).await[0];
+    let mut model = Model {
+        state: StepState::Pending,
+        attempts: 0,
+        owner: None,
+        max_attempts: 3,
+        cancelled: false,
+    };
+    let step: Uuid =
+        sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1")
+            .bind(task)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+
+    for op in ops {
+        // What a worker believes its attempt number is.
+        let attempt = |stale: bool| AttemptRef {
+            step_uuid: step,
+            attempt: model.attempts - i32::from(stale),
+        };
+        match *op {
+            Op::Enqueue => {
+                // Schedule any pending retry for now, then run a pass on this task only.
+                let retries = tasker_shared::orchestration::unscheduled_retries(pool, &[task])
+                    .await
+                    .unwrap();
+                let now = chrono::Utc::now() - chrono::Duration::milliseconds(1);
+                let times: Vec<_> = retries.iter().map(|r| (r.step_uuid, now)).collect();
+                tasker_shared::orchestration::schedule_step_retries(pool, &times)
+                    .await
+                    .unwrap();
+                sqlx::query("UPDATE tasker.tasks SET ready_at = now(), ready_since = now() WHERE task_uuid = $1 AND completed_at IS NULL")
+                    .bind(task)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+                enqueue_pass(pool, ORCH).await;
+            }
+            Op::Claim(worker) => {
+                claim_steps(pool, WORKERS[worker], 10).await;
+            }
+            Op::Complete { worker, stale } => {
+                let success = Success {
+                    attempt: attempt(stale),
+                    result: serde_json::json!(worker),
+                };
+                step_result::complete_steps(pool, WORKERS[worker], &[success])
+                    .await
+                    .unwrap();
+            }
+            Op::Fail {
+                worker,
+                stale,
+                retryable,
+            } => {
+                let failure = Failure {
+                    attempt: attempt(stale),
+                    error: "injected".into(),
+                    retryable,
+                };
+                step_result::fail_steps(pool, WORKERS[worker], &[failure])
+                    .await
+                    .unwrap();
+            }
+            Op::ExpireLease => {
+                let mut conn = pool.acquire().await.unwrap();
+                expire_leases(&mut conn, task).await;
+                tasker_shared::orchestration::expire_step_leases(pool, "rescuer", 10)
+                    .await
+                    .unwrap();
+            }
+            Op::Cancel => {
+                tasker_shared::tasks::cancel_task(pool, task, "user", "test")
+                    .await
+                    .unwrap();
+            }
+        }
+        model.apply(op);
+
+        let (state, attempts): (String, i32) = sqlx::query_as(
+            "SELECT state, attempts FROM tasker.workflow_steps WHERE step_uuid = $1",
+        )
+        .bind(step)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(state, model.state.as_str(), "after {op:?} in {ops:?}");
+        assert_eq!(attempts, model.attempts, "after {op:?} in {ops:?}");
+    }
+}
+
+#[test]
+fn random_histories_with_duplicates_and_stale_reports_match_the_model() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (pool, database) = runtime.block_on(fresh_database("tasker_prop"));
+    runtime.block_on(publish(&pool, &single("prop")));
+
+    let config = ProptestConfig {
+        cases: 96,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(ops in proptest::collection::vec(op(), 1..24))| {
+        runtime.block_on(run_case(&pool, &ops));
+    });
+
+    runtime.block_on(async {
+        assert_invariants(&pool).await;
+        pool.close().await;
+        drop_database(&database).await;
+    });
+}
+
+/// A new, migrated database on the DATABASE_URL server; returns a pool and its name.
+async fn fresh_database(prefix: &str) -> (PgPool, String) {
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test");
+    let name = format!("{prefix}_{}", Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.database(&name))
+        .await
+        .unwrap();
+    tasker_shared::db::migrate(&pool).await.unwrap();
+    (pool, name)
+}
+
+async fn drop_database(name: &str) {
+    let url = std::env::var("DATABASE_URL").unwrap();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+}

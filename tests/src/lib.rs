@@ -1,0 +1,1 @@
+//! Test harness for cross-process tests (filled by later issues).
