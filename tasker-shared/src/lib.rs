@@ -13,6 +13,12 @@
 //! | deciding that a task is finished | [`finalize`] |
 //! | retry backoff | [`retry`] |
 //! | connecting and migrating | [`db`] |
+//! | configuration (defaults, file, environment) | [`config`] |
+//! | deployment modes | [`deployment`] |
+//! | discovering work: LISTEN, poll, sweep, timer | [`discovery`] |
+//! | metric names and recording | [`metrics`] |
+//! | health and metrics endpoints | [`http`] |
+//! | logging, signals, HTTP serving for binaries | [`service`] |
 //! | invariants over the whole database | [`invariants`] |
 //!
 //! All SQL is in `migrations/` (schema and functions) or in `query!` calls in
@@ -20,13 +26,19 @@
 //! runs on the pool or inside their own transaction.
 
 pub mod claim;
+pub mod config;
 pub mod db;
+pub mod deployment;
+pub mod discovery;
 pub mod error;
 pub mod finalize;
+pub mod http;
 pub mod identifier;
 pub mod invariants;
+pub mod metrics;
 pub mod orchestration;
 pub mod retry;
+pub mod service;
 pub mod state_machine;
 pub mod step_result;
 pub mod tasks;

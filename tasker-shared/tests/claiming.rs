@@ -1,6 +1,8 @@
 //! Claiming really locks: concurrent claimers, lease expiry and fencing,
 //! concurrent finalization.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::HashMap;

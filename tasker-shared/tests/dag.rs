@@ -1,5 +1,7 @@
 //! DAG readiness, template validation in SQL, and discovery cost.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::BTreeSet;

@@ -1,6 +1,8 @@
 //! The state machines: one table in Rust, mirrored in SQL, enforced by both,
 //! and a property test of random, duplicated and stale events against a model.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,0 +1,642 @@
+//! Configuration: defaults, then an optional TOML file (`TASKER_CONFIG`), then
+//! the environment, with the `config` crate.
+//!
+//! Every environment variable is listed once, in [`ENVIRONMENT`], with the file
+//! key it overrides and how its value is checked. A bad value stops start-up with
+//! a [`ConfigError`] that names the variable; binaries exit with code 2.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::deployment::DeploymentMode;
+use crate::identifier::Identifier;
+
+/// What went wrong loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// An environment variable with a value that does not parse or is out of range.
+    #[error("invalid {var}={value:?}: {expected}")]
+    InvalidEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What was expected.
+        expected: String,
+    },
+    /// A setting that must be given is missing.
+    #[error("{var} is not set (or `{key}` in the config file): {why}")]
+    Missing {
+        /// The environment variable.
+        var: &'static str,
+        /// The file key.
+        key: &'static str,
+        /// What it is for.
+        why: &'static str,
+    },
+    /// A value (from any layer) out of range.
+    #[error("{var} (`{key}`): {problem}")]
+    OutOfRange {
+        /// The environment variable.
+        var: &'static str,
+        /// The file key.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The TOML file could not be read or has wrong types; names the file and key.
+    #[error("config file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The parse error, naming the key.
+        #[source]
+        source: config::ConfigError,
+    },
+}
+
+/// Which service is loading its settings: decides defaults like the HTTP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// `tasker-orchestrator`.
+    Orchestrator,
+    /// `tasker-worker`.
+    Worker,
+}
+
+impl Service {
+    /// The short name used in instance ids and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Service::Orchestrator => "orchestrator",
+            Service::Worker => "worker",
+        }
+    }
+}
+
+/// All settings of a service. Field docs name the environment variable.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// `DATABASE_URL`: the PostgreSQL URL (required). `sslmode=require` works.
+    pub database_url: Option<String>,
+    /// `DEPLOYMENT_MODE`: how work is discovered.
+    pub deployment_mode: DeploymentMode,
+    /// `INSTANCE_ID`: names this process in claims, history and metrics.
+    /// Default: service, host, pid and start time, unique per process start.
+    pub instance_id: Option<String>,
+    /// `POLL_INTERVAL_MS`: claim interval in PollingOnly and Hybrid modes.
+    pub poll_interval_ms: u64,
+    /// `TASKER_HTTP_ADDR`: where `/health/*`, `/metrics` (and the API) listen.
+    pub http_addr: Option<SocketAddr>,
+    /// `LOG_FORMAT`: `text` or `json`.
+    pub log_format: LogFormat,
+    /// `TASKER_DB_MAX_CONNECTIONS`: the connection pool's size.
+    pub db_max_connections: u32,
+    /// `TASKER_SHUTDOWN_TIMEOUT_MS`: how long SIGTERM waits for in-flight work.
+    pub shutdown_timeout_ms: u64,
+    /// `TASKER_LISTENER_PING_MS`: a silent LISTEN connection is pinged this often,
+    /// so a half-open connection is found and replaced.
+    pub listener_ping_ms: u64,
+    /// Orchestrator settings.
+    pub orchestrator: OrchestratorSettings,
+    /// Worker settings.
+    pub worker: WorkerSettings,
+}
+
+/// Settings only the orchestrator reads (`[orchestrator]` in the file).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrchestratorSettings {
+    /// `TASKER_CLAIM_BATCH`: tasks per `claim_ready_tasks()` call.
+    pub claim_batch: u32,
+    /// `TASKER_CLAIM_TIMEOUT_MS`: how long a task claim lasts unless released.
+    pub claim_timeout_ms: u64,
+    /// `TASKER_TEMPLATES_DIR`: JSON templates published at start-up (if the
+    /// directory exists).
+    pub templates_dir: PathBuf,
+    /// `TASKER_API_TOKEN`: when set, `/v1/*` requires `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
+    /// `TASKER_RESCUE_INTERVAL_MS`: how often expired step leases are looked for.
+    pub rescue_interval_ms: u64,
+    /// `TASKER_MAX_BODY_BYTES`: the largest request body the API accepts.
+    pub max_body_bytes: usize,
+}
+
+/// Settings only the worker reads (`[worker]` in the file).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// `NAMESPACE`: the namespace whose steps this worker runs; all when unset.
+    pub namespace: Option<Identifier>,
+    /// `WORKER_CONCURRENCY`: steps run at once.
+    pub concurrency: u32,
+    /// `TASKER_STEP_LEASE_MS`: a step attempt's lease; heartbeats renew it at a third.
+    pub lease_ms: u64,
+    /// `TASKER_WORKER_JOURNAL`: if set, a file to which every handler invocation
+    /// is appended (`step_uuid attempt handler instance`), for audits and tests.
+    pub journal: Option<PathBuf>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database_url: None,
+            deployment_mode: DeploymentMode::Hybrid,
+            instance_id: None,
+            poll_interval_ms: 1_000,
+            http_addr: None,
+            log_format: LogFormat::Text,
+            db_max_connections: 10,
+            shutdown_timeout_ms: 30_000,
+            listener_ping_ms: 30_000,
+            orchestrator: OrchestratorSettings::default(),
+            worker: WorkerSettings::default(),
+        }
+    }
+}
+
+impl Default for OrchestratorSettings {
+    fn default() -> Self {
+        OrchestratorSettings {
+            claim_batch: 64,
+            claim_timeout_ms: 30_000,
+            templates_dir: PathBuf::from("templates"),
+            api_token: None,
+            rescue_interval_ms: 5_000,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            namespace: None,
+            concurrency: 16,
+            lease_ms: 30_000,
+            journal: None,
+        }
+    }
+}
+
+/// How an environment value is checked before it overrides the file.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Text,
+    Millis,
+    Count,
+    Mode,
+    Namespace,
+    Address,
+    Format,
+}
+
+/// One environment variable: its name, the file key it overrides, its kind.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvVar {
+    /// The variable's name.
+    pub var: &'static str,
+    /// The dotted key in the TOML file.
+    pub key: &'static str,
+    kind: Kind,
+}
+
+const fn env(var: &'static str, key: &'static str, kind: Kind) -> EnvVar {
+    EnvVar { var, key, kind }
+}
+
+/// Every environment variable Tasker's services read (besides `TASKER_CONFIG`,
+/// `RUST_LOG` and the statistics settings), in one place.
+pub const ENVIRONMENT: &[EnvVar] = &[
+    env("DATABASE_URL", "database_url", Kind::Text),
+    env("DEPLOYMENT_MODE", "deployment_mode", Kind::Mode),
+    env("INSTANCE_ID", "instance_id", Kind::Text),
+    env("POLL_INTERVAL_MS", "poll_interval_ms", Kind::Millis),
+    env("TASKER_HTTP_ADDR", "http_addr", Kind::Address),
+    env("LOG_FORMAT", "log_format", Kind::Format),
+    env(
+        "TASKER_DB_MAX_CONNECTIONS",
+        "db_max_connections",
+        Kind::Count,
+    ),
+    env(
+        "TASKER_SHUTDOWN_TIMEOUT_MS",
+        "shutdown_timeout_ms",
+        Kind::Millis,
+    ),
+    env("TASKER_LISTENER_PING_MS", "listener_ping_ms", Kind::Millis),
+    env(
+        "TASKER_CLAIM_BATCH",
+        "orchestrator.claim_batch",
+        Kind::Count,
+    ),
+    env(
+        "TASKER_CLAIM_TIMEOUT_MS",
+        "orchestrator.claim_timeout_ms",
+        Kind::Millis,
+    ),
+    env(
+        "TASKER_TEMPLATES_DIR",
+        "orchestrator.templates_dir",
+        Kind::Text,
+    ),
+    env("TASKER_API_TOKEN", "orchestrator.api_token", Kind::Text),
+    env(
+        "TASKER_RESCUE_INTERVAL_MS",
+        "orchestrator.rescue_interval_ms",
+        Kind::Millis,
+    ),
+    env(
+        "TASKER_MAX_BODY_BYTES",
+        "orchestrator.max_body_bytes",
+        Kind::Count,
+    ),
+    env("NAMESPACE", "worker.namespace", Kind::Namespace),
+    env("WORKER_CONCURRENCY", "worker.concurrency", Kind::Count),
+    env("TASKER_STEP_LEASE_MS", "worker.lease_ms", Kind::Millis),
+    env("TASKER_WORKER_JOURNAL", "worker.journal", Kind::Text),
+];
+
+/// The variable naming the optional TOML file.
+pub const CONFIG_FILE_VAR: &str = "TASKER_CONFIG";
+
+impl EnvVar {
+    /// Checks a value and converts it for the `config` crate.
+    fn parse(&self, value: &str) -> Result<config::Value, ConfigError> {
+        let invalid = |expected: String| ConfigError::InvalidEnv {
+            var: self.var,
+            value: value.to_owned(),
+            expected,
+        };
+        let trimmed = value.trim();
+        Ok(match self.kind {
+            Kind::Text => {
+                if trimmed.is_empty() {
+                    return Err(invalid("expected a non-empty value".into()));
+                }
+                trimmed.into()
+            }
+            Kind::Millis | Kind::Count => {
+                let n: u64 = trimmed
+                    .parse()
+                    .map_err(|_| invalid("expected a positive whole number".into()))?;
+                if n == 0 {
+                    return Err(invalid("expected a positive whole number".into()));
+                }
+                n.into()
+            }
+            Kind::Mode => trimmed
+                .parse::<DeploymentMode>()
+                .map_err(|e| invalid(e.to_string()))?
+                .as_str()
+                .into(),
+            Kind::Namespace => Identifier::new(trimmed)
+                .map_err(|e| invalid(e.to_string()))?
+                .to_string()
+                .into(),
+            Kind::Address => trimmed
+                .parse::<SocketAddr>()
+                .map_err(|_| invalid("expected an address like 0.0.0.0:8080".into()))?
+                .to_string()
+                .into(),
+            Kind::Format => match trimmed.to_ascii_lowercase().as_str() {
+                "text" | "json" => trimmed.to_ascii_lowercase().into(),
+                _ => return Err(invalid("expected text or json".into())),
+            },
+        })
+    }
+}
+
+impl Settings {
+    /// Loads settings from the process environment (and `TASKER_CONFIG`).
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(|var| std::env::var(var).ok())
+    }
+
+    /// Loads settings with `lookup` standing in for the environment.
+    pub fn load_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        let file = lookup(CONFIG_FILE_VAR).map(PathBuf::from);
+        if let Some(path) = &file {
+            builder = builder.add_source(
+                config::File::from(path.as_path())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        for var in ENVIRONMENT {
+            if let Some(value) = lookup(var.var) {
+                builder = builder
+                    .set_override(var.key, var.parse(&value)?)
+                    .map_err(|source| file_error(&file, source))?;
+            }
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|source| file_error(&file, source))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Range checks that hold whichever layer a value came from.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least = |var: &'static str, key: &'static str, value: u64, min: u64, unit: &str| {
+            if value < min {
+                Err(ConfigError::OutOfRange {
+                    var,
+                    key,
+                    problem: format!("must be at least {min}{unit}, found {value}{unit}"),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        at_least(
+            "POLL_INTERVAL_MS",
+            "poll_interval_ms",
+            self.poll_interval_ms,
+            10,
+            " ms",
+        )?;
+        at_least(
+            "TASKER_DB_MAX_CONNECTIONS",
+            "db_max_connections",
+            self.db_max_connections.into(),
+            2,
+            "",
+        )?;
+        at_least(
+            "TASKER_LISTENER_PING_MS",
+            "listener_ping_ms",
+            self.listener_ping_ms,
+            100,
+            " ms",
+        )?;
+        at_least(
+            "TASKER_CLAIM_BATCH",
+            "orchestrator.claim_batch",
+            self.orchestrator.claim_batch.into(),
+            1,
+            "",
+        )?;
+        at_least(
+            "TASKER_CLAIM_TIMEOUT_MS",
+            "orchestrator.claim_timeout_ms",
+            self.orchestrator.claim_timeout_ms,
+            1_000,
+            " ms",
+        )?;
+        at_least(
+            "TASKER_RESCUE_INTERVAL_MS",
+            "orchestrator.rescue_interval_ms",
+            self.orchestrator.rescue_interval_ms,
+            100,
+            " ms",
+        )?;
+        at_least(
+            "WORKER_CONCURRENCY",
+            "worker.concurrency",
+            self.worker.concurrency.into(),
+            1,
+            "",
+        )?;
+        at_least(
+            "TASKER_STEP_LEASE_MS",
+            "worker.lease_ms",
+            self.worker.lease_ms,
+            1_000,
+            " ms",
+        )?;
+        if self.orchestrator.claim_batch > 1_000 {
+            return Err(ConfigError::OutOfRange {
+                var: "TASKER_CLAIM_BATCH",
+                key: "orchestrator.claim_batch",
+                problem: format!(
+                    "must be at most 1000, found {}",
+                    self.orchestrator.claim_batch
+                ),
+            });
+        }
+        if self.database_url.is_none() {
+            return Err(ConfigError::Missing {
+                var: "DATABASE_URL",
+                key: "database_url",
+                why: "the PostgreSQL URL, e.g. postgres://tasker@localhost/tasker",
+            });
+        }
+        Ok(())
+    }
+
+    /// The database URL (validated to be present).
+    pub fn database_url(&self) -> &str {
+        self.database_url.as_deref().unwrap_or_default()
+    }
+
+    /// The poll interval.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+
+    /// The shutdown deadline.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// The HTTP address, with the service's default port.
+    pub fn http_addr(&self, service: Service) -> SocketAddr {
+        self.http_addr.unwrap_or_else(|| match service {
+            Service::Orchestrator => SocketAddr::from(([0, 0, 0, 0], 8080)),
+            Service::Worker => SocketAddr::from(([0, 0, 0, 0], 8081)),
+        })
+    }
+
+    /// The instance id: `INSTANCE_ID`, or one unique to this process start.
+    pub fn instance_id(&self, service: Service) -> String {
+        self.instance_id
+            .clone()
+            .unwrap_or_else(|| default_instance_id(service))
+    }
+}
+
+/// `<service>-<host>-<pid>-<start time in ms, base 36>`: unique per process
+/// start even when many replicas share a host name.
+pub fn default_instance_id(service: Service) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!(
+        "{}-{host}-{}-{}",
+        service.name(),
+        std::process::id(),
+        base36(started)
+    )
+}
+
+fn base36(mut n: u128) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn file_error(file: &Option<PathBuf>, source: config::ConfigError) -> ConfigError {
+    ConfigError::File {
+        path: file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("(environment)")),
+        source,
+    }
+}
+
+impl OrchestratorSettings {
+    /// The task claim lease.
+    pub fn claim_timeout(&self) -> Duration {
+        Duration::from_millis(self.claim_timeout_ms)
+    }
+
+    /// The rescuer's period.
+    pub fn rescue_interval(&self) -> Duration {
+        Duration::from_millis(self.rescue_interval_ms)
+    }
+}
+
+impl WorkerSettings {
+    /// The step attempt lease.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::io::Write;
+
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::load_from(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn the_plans_variable_names_work_as_written() {
+        let s = load(&[
+            ("DATABASE_URL", "postgres://db/tasker"),
+            ("DEPLOYMENT_MODE", "PollingOnly"),
+            ("INSTANCE_ID", "orch-poll-1"),
+            ("POLL_INTERVAL_MS", "5000"),
+            ("NAMESPACE", "fulfillment"),
+        ])
+        .expect("valid");
+        assert_eq!(s.deployment_mode, DeploymentMode::PollingOnly);
+        assert_eq!(s.instance_id(Service::Worker), "orch-poll-1");
+        assert_eq!(s.poll_interval(), Duration::from_secs(5));
+        assert_eq!(
+            s.worker.namespace.as_ref().map(Identifier::as_str),
+            Some("fulfillment")
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let base = ("DATABASE_URL", "postgres://db/tasker");
+        for (var, value) in [
+            ("DEPLOYMENT_MODE", "Sometimes"),
+            ("POLL_INTERVAL_MS", "soon"),
+            ("POLL_INTERVAL_MS", "0"),
+            ("NAMESPACE", "Robert'); DROP TABLE"),
+            ("WORKER_CONCURRENCY", "-1"),
+            ("TASKER_HTTP_ADDR", "localhost"),
+            ("LOG_FORMAT", "xml"),
+        ] {
+            let err = load(&[base, (var, value)]).expect_err(var).to_string();
+            assert!(err.contains(var), "{err} should name {var}");
+        }
+        let err = load(&[base, ("POLL_INTERVAL_MS", "5")])
+            .expect_err("too small")
+            .to_string();
+        assert!(
+            err.contains("POLL_INTERVAL_MS") && err.contains("at least 10"),
+            "{err}"
+        );
+        let err = load(&[]).expect_err("no url").to_string();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_which_overrides_defaults() {
+        let mut file = tempfile_path("layers.toml");
+        writeln!(
+            file.1,
+            "database_url = \"postgres://file/db\"\npoll_interval_ms = 2500\n\
+             [worker]\nconcurrency = 3\n[orchestrator]\nclaim_batch = 7"
+        )
+        .unwrap();
+        let path = file.0.to_string_lossy().into_owned();
+        let s = load(&[(CONFIG_FILE_VAR, &path), ("WORKER_CONCURRENCY", "9")]).expect("valid");
+        assert_eq!(s.database_url(), "postgres://file/db");
+        assert_eq!(s.poll_interval_ms, 2500, "file over default");
+        assert_eq!(s.worker.concurrency, 9, "environment over file");
+        assert_eq!(s.orchestrator.claim_batch, 7);
+        assert_eq!(s.orchestrator.claim_timeout_ms, 30_000, "default kept");
+
+        let mut bad = tempfile_path("bad.toml");
+        writeln!(bad.1, "database_url = \"x\"\npoll_intervall_ms = 5").unwrap();
+        let path = bad.0.to_string_lossy().into_owned();
+        let err = load(&[(CONFIG_FILE_VAR, &path)])
+            .expect_err("typo")
+            .to_string();
+        assert!(
+            err.contains("bad.toml") && err.contains("poll_intervall_ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn default_instance_ids_differ_per_service_and_carry_the_pid() {
+        let id = default_instance_id(Service::Worker);
+        assert!(id.starts_with("worker-"));
+        assert!(id.contains(&format!("-{}-", std::process::id())));
+    }
+
+    fn tempfile_path(name: &str) -> (PathBuf, std::fs::File) {
+        let dir = std::env::temp_dir().join(format!("tasker-config-test-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        (path, file)
+    }
+}

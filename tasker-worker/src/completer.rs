@@ -1,0 +1,135 @@
+//! Records attempt outcomes in batches: whatever finished since the last
+//! write goes in one `complete_steps` and one `fail_steps` call. Under load
+//! this turns many completions into few transactions; when idle, a single
+//! outcome is written at once (no artificial delay).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tasker_shared::claim::AttemptRef;
+use tasker_shared::discovery::Backoff;
+use tasker_shared::metrics::{self, names};
+use tasker_shared::step_result::{self, Failure, Recorded, Success};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::handler::StepResult;
+use crate::inflight::InFlight;
+
+/// Most outcomes written in one batch.
+const MAX_BATCH: usize = 256;
+
+/// One finished attempt.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The attempt.
+    pub attempt: AttemptRef,
+    /// Its task.
+    pub task_uuid: Uuid,
+    /// Its handler (a metric label).
+    pub handler: String,
+    /// What the handler returned.
+    pub result: StepResult,
+}
+
+/// Writes outcomes until the sender side closes and everything is written.
+pub async fn run(
+    pool: PgPool,
+    worker_id: String,
+    mut outcomes: mpsc::Receiver<Outcome>,
+    inflight: Arc<InFlight>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = outcomes.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match outcomes.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        record_with_retry(&pool, &worker_id, &batch).await;
+        for outcome in batch.drain(..) {
+            inflight.remove(&outcome.attempt);
+        }
+    }
+}
+
+/// Retries transient failures: the outcome must not be lost while the lease
+/// may still hold. If the database stays away past the lease, the write will be
+/// rejected later anyway and the attempt retried elsewhere.
+async fn record_with_retry(pool: &PgPool, worker_id: &str, batch: &[Outcome]) {
+    let mut backoff = Backoff::new();
+    for attempt in 1.. {
+        match record(pool, worker_id, batch).await {
+            Ok(()) => return,
+            Err(err) if err.is_transient() && attempt < 60 => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %err, outcomes = batch.len(), retry_in = ?delay, "recording step outcomes failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, outcomes = batch.len(), "could not record step outcomes; their leases will expire and the steps run again");
+                return;
+            }
+        }
+    }
+}
+
+async fn record(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> tasker_shared::Result<()> {
+    let mut successes = Vec::new();
+    let mut failures = Vec::new();
+    for outcome in batch {
+        match &outcome.result {
+            Ok(value) => successes.push(Success {
+                attempt: outcome.attempt,
+                result: value.clone(),
+            }),
+            Err(err) => failures.push(Failure {
+                attempt: outcome.attempt,
+                error: err.message.clone(),
+                retryable: err.retryable,
+            }),
+        }
+    }
+    let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
+    if !successes.is_empty() {
+        recorded.extend(step_result::complete_steps(pool, worker_id, &successes).await?);
+    }
+    if !failures.is_empty() {
+        recorded.extend(step_result::fail_steps(pool, worker_id, &failures).await?);
+    }
+    account(batch, &recorded);
+    Ok(())
+}
+
+/// Metrics and logs for a recorded batch.
+fn account(batch: &[Outcome], recorded: &[Recorded]) {
+    let accepted: HashSet<Uuid> = recorded
+        .iter()
+        .filter(|r| r.accepted)
+        .map(|r| r.step_uuid)
+        .collect();
+    let mut woken = HashSet::new();
+    for outcome in batch {
+        let step = outcome.attempt.step_uuid;
+        if !accepted.contains(&step) {
+            metrics::counter_by(names::STEP_RESULTS_REJECTED, 1);
+            tracing::info!(step = %step, attempt = outcome.attempt.attempt, "outcome rejected: the attempt no longer owns the step (cancelled or taken over)");
+            continue;
+        }
+        woken.insert(outcome.task_uuid);
+        match &outcome.result {
+            Ok(_) => metrics::counter_with(names::STEPS_COMPLETED, "handler", &outcome.handler),
+            Err(err) => {
+                metrics::step_failed(&outcome.handler, err.retryable);
+                tracing::info!(step = %step, attempt = outcome.attempt.attempt, retryable = err.retryable, error = %err.message, "step attempt failed");
+            }
+        }
+    }
+    if !woken.is_empty() {
+        metrics::tasks_made_ready("step_result", woken.len() as u64);
+        metrics::notifications_sent("tasks", 1);
+    }
+}
