@@ -1,1 +1,167 @@
-fn main() {}
+//! `tasker`: the command-line client.
+//!
+//! - `tasker demo`: runs a small mixed deployment end to end (see [`tasker_cli::demo`]).
+//! - `tasker submit`, `tasker status`, `tasker templates`: talk to an
+//!   orchestrator's API (`--url` / `TASKER_URL`, token from `TASKER_API_TOKEN`).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tasker_cli::client::ApiClient;
+use tasker_cli::demo::{self, DemoOptions};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "tasker", version, about = "Tasker's command-line client")]
+struct Cli {
+    /// The orchestrator's base URL.
+    #[arg(long, env = "TASKER_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// Bearer token for the API, if the orchestrator requires one.
+    #[arg(long, env = "TASKER_API_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a small mixed deployment on this machine and print a summary.
+    Demo {
+        /// Tasks to submit.
+        #[arg(long, default_value_t = 1000)]
+        tasks: usize,
+        /// Seconds to wait for the tasks to finish.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
+    /// Submit a task and print its uuid.
+    Submit {
+        /// Template namespace.
+        #[arg(long)]
+        namespace: String,
+        /// Template name.
+        #[arg(long)]
+        name: String,
+        /// Template version (default: the latest).
+        #[arg(long)]
+        version: Option<String>,
+        /// Context, as JSON.
+        #[arg(long, default_value = "{}")]
+        context: String,
+        /// Priority (higher first).
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// Idempotency key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the task is final and print its state.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a task: state, steps, attempts, errors.
+    Status {
+        /// The task's uuid.
+        task_uuid: Uuid,
+        /// Print the full JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List templates, or publish one from a JSON file.
+    Templates {
+        /// A template file to publish.
+        #[arg(long)]
+        publish: Option<std::path::PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tasker: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let api = ApiClient::new(cli.url.clone(), cli.token.clone());
+    match cli.command {
+        Command::Demo { tasks, timeout_secs } => {
+            demo::run(DemoOptions {
+                tasks,
+                database_url: std::env::var("DATABASE_URL").ok(),
+                timeout: Duration::from_secs(timeout_secs),
+            })
+            .await
+        }
+        Command::Submit { namespace, name, version, context, priority, idempotency_key, wait } => {
+            let context: serde_json::Value = serde_json::from_str(&context).context("--context must be JSON")?;
+            let mut body = serde_json::json!({
+                "namespace": namespace, "name": name, "context": context, "priority": priority,
+            });
+            if let Some(v) = version {
+                body["version"] = v.into();
+            }
+            if let Some(k) = idempotency_key {
+                body["idempotency_key"] = k.into();
+            }
+            let task = api.submit(&body).await?;
+            println!("{task}");
+            if wait {
+                loop {
+                    let details = api.task(task).await?;
+                    if details["completed_at"].is_string() {
+                        println!("{}", details["state"].as_str().unwrap_or("?"));
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            Ok(())
+        }
+        Command::Status { task_uuid, json } => {
+            let task = api.task(task_uuid).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&task)?);
+                return Ok(());
+            }
+            println!("{} {}/{} {}: {}", task_uuid, task["namespace"].as_str().unwrap_or(""), task["name"].as_str().unwrap_or(""),
+                task["version"].as_str().unwrap_or(""), task["state"].as_str().unwrap_or(""));
+            for step in task["steps"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<24} {:<18} attempts {}/{}{}",
+                    step["name"].as_str().unwrap_or(""),
+                    step["state"].as_str().unwrap_or(""),
+                    step["attempts"],
+                    step["max_attempts"],
+                    step["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Templates { publish } => {
+            if let Some(path) = publish {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                let template: serde_json::Value = serde_json::from_str(&text)?;
+                let published = api.publish_template(&template).await?;
+                println!("published {published}");
+                return Ok(());
+            }
+            for t in api.templates().await?.as_array().into_iter().flatten() {
+                println!(
+                    "{}/{} {} ({} steps)",
+                    t["namespace"].as_str().unwrap_or(""),
+                    t["name"].as_str().unwrap_or(""),
+                    t["version"].as_str().unwrap_or(""),
+                    t["steps"].as_array().map_or(0, Vec::len)
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -632,11 +632,9 @@ mod tests {
         assert!(id.contains(&format!("-{}-", std::process::id())));
     }
 
-    fn tempfile_path(name: &str) -> (PathBuf, std::fs::File) {
-        let dir = std::env::temp_dir().join(format!("tasker-config-test-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        let file = std::fs::File::create(&path).unwrap();
+    fn tempfile_path(name: &str) -> (tempfile::TempPath, std::fs::File) {
+        let file = tempfile::Builder::new().prefix("tasker-config-").suffix(name).tempfile().unwrap();
+        let (file, path) = file.into_parts();
         (path, file)
     }
 }

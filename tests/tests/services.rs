@@ -1,0 +1,268 @@
+//! The services, end to end: real orchestrator and worker processes, one
+//! database per test. (Issue: services, deployment modes, task API.)
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+use tasker_tests::{
+    Deployment, ServiceSpec, TestDatabase, assert_each_attempt_ran_once, submit_many, templates, wait_until,
+};
+
+/// Two orchestrators and two workers, all in `mode`, run 500 diamond tasks;
+/// every step's handler runs exactly once (counted by the workers' journals).
+async fn diamonds_complete_with_each_step_run_once(mode: &str) {
+    let db = TestDatabase::create("modes").await.unwrap();
+    let spec = |s: ServiceSpec| s.with("POLL_INTERVAL_MS", "200");
+    let mut deployment = Deployment::start(
+        &db,
+        &[
+            spec(ServiceSpec::orchestrator("orch-1", mode)),
+            spec(ServiceSpec::orchestrator("orch-2", mode)),
+            spec(ServiceSpec::worker("worker-1", mode).with("NAMESPACE", "modes")),
+            spec(ServiceSpec::worker("worker-2", mode).with("NAMESPACE", "modes")),
+        ],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    api.publish_template(&templates::diamond("modes")).await.unwrap();
+    submit_many(&api, "modes", "diamond", 500).await.unwrap();
+
+    wait_until("500 tasks final", Duration::from_secs(180), || async { db.final_tasks().await == 500 }).await;
+    assert_eq!(db.task_states().await.get("complete"), Some(&500), "{}", deployment.logs());
+    let attempts = assert_each_attempt_ran_once(&db, &deployment).await;
+    assert_eq!(attempts, 2_000, "one attempt per step, no retries");
+    assert_eq!(deployment.invocations().values().sum::<usize>(), 2_000, "2,000 handler invocations in all");
+    db.assert_invariants().await;
+
+    // Work was discovered the way the mode says.
+    let by_event = deployment.metric_sum("orch", "tasker_tasks_discovered_total", &[("via", "event")]).await;
+    let by_poll = deployment.metric_sum("orch", "tasker_tasks_discovered_total", &[("via", "poll")]).await;
+    match mode {
+        "EventDrivenOnly" => assert!(by_event > 0.0 && by_poll == 0.0, "event {by_event}, poll {by_poll}"),
+        "PollingOnly" => assert!(by_event == 0.0 && by_poll > 0.0, "event {by_event}, poll {by_poll}"),
+        _ => assert!(by_event + by_poll > 0.0),
+    }
+
+    for (name, status) in deployment.stop_all().await {
+        assert!(status.success(), "{name} exited with {status}");
+    }
+    db.drop_database().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_driven_only_runs_500_diamonds_each_step_once() {
+    diamonds_complete_with_each_step_run_once("EventDrivenOnly").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_only_runs_500_diamonds_each_step_once() {
+    diamonds_complete_with_each_step_run_once("PollingOnly").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_runs_500_diamonds_each_step_once() {
+    diamonds_complete_with_each_step_run_once("Hybrid").await;
+}
+
+/// No polling anywhere: the retry is found by the orchestrator's timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_driven_only_retries_a_failing_step_with_backoff_and_no_polling() {
+    let db = TestDatabase::create("retry").await.unwrap();
+    let mut deployment = Deployment::start(
+        &db,
+        &[ServiceSpec::orchestrator("orch-1", "EventDrivenOnly"), ServiceSpec::worker("worker-1", "EventDrivenOnly")],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    let template = templates::single(
+        "retry",
+        "flaky",
+        "fail",
+        json!({"fail_times": 2}),
+        json!({"max_attempts": 3, "backoff_ms": 400}),
+    );
+    api.publish_template(&template).await.unwrap();
+    let task = api.submit(&templates::task("retry", "flaky")).await.unwrap();
+
+    wait_until("the task is final", Duration::from_secs(30), || async { db.final_tasks().await == 1 }).await;
+    let details = api.task(task).await.unwrap();
+    assert_eq!(details["state"], "complete", "{details:#}");
+    let step = &details["steps"][0];
+    assert_eq!(step["attempts"], 3);
+
+    // Each retry waited at least half its backoff ceiling (equal jitter):
+    // 400 ms * 2^(n-1) / 2 after the n-th failure.
+    let history = step["transitions"].as_array().unwrap();
+    let at = |from: &str, to: &str, attempt: i64| {
+        let t = history
+            .iter()
+            .find(|t| t["from"] == from && t["to"] == to && t["attempt"] == attempt)
+            .unwrap_or_else(|| panic!("no {from} -> {to} for attempt {attempt} in {history:#?}"));
+        chrono::DateTime::parse_from_rfc3339(t["at"].as_str().unwrap()).unwrap()
+    };
+    for (attempt, min_ms) in [(1, 200), (2, 400)] {
+        let waited = at("waiting_for_retry", "enqueued", attempt) - at("in_progress", "waiting_for_retry", attempt);
+        assert!(waited.num_milliseconds() >= min_ms, "retry after attempt {attempt} came after {waited}");
+    }
+
+    let polled = deployment.metric_sum("orch", "tasker_tasks_discovered_total", &[("via", "poll")]).await;
+    let timed = deployment.metric_sum("orch", "tasker_tasks_discovered_total", &[("via", "timer")]).await;
+    assert_eq!(polled, 0.0, "nothing was polled");
+    assert!(timed >= 2.0, "both retries were picked up by the timer, got {timed}");
+    assert_each_attempt_ran_once(&db, &deployment).await;
+    db.assert_invariants().await;
+    deployment.stop_all().await;
+    db.drop_database().await.unwrap();
+}
+
+/// A worker stops mid-step (SIGSTOP: alive but silent, so it cannot release
+/// anything). Its lease expires, the rescuer fails the attempt, another worker
+/// runs attempt 2 and the task completes. When the first worker resumes, its
+/// late result is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_mid_step_is_replaced_and_its_late_result_rejected() {
+    let db = TestDatabase::create("dead").await.unwrap();
+    let mut deployment = Deployment::start(
+        &db,
+        &[
+            ServiceSpec::orchestrator("orch-1", "EventDrivenOnly").with("TASKER_RESCUE_INTERVAL_MS", "200"),
+            ServiceSpec::worker("worker-a", "EventDrivenOnly").with("TASKER_STEP_LEASE_MS", "1500"),
+        ],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    let template = templates::single(
+        "dead",
+        "slow",
+        "sleep",
+        json!({"duration_ms": 2500}),
+        json!({"max_attempts": 3, "backoff_ms": 100}),
+    );
+    api.publish_template(&template).await.unwrap();
+    let task = api.submit(&templates::task("dead", "slow")).await.unwrap();
+
+    let running = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tasker.workflow_steps WHERE state = 'in_progress' AND claimed_by = 'worker-a'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+            == 1
+    };
+    wait_until("worker-a runs the step", Duration::from_secs(20), running).await;
+    deployment.service("worker-a").signal(Signal::SIGSTOP).unwrap();
+    deployment
+        .add(&ServiceSpec::worker("worker-b", "EventDrivenOnly").with("TASKER_STEP_LEASE_MS", "1500"))
+        .await
+        .unwrap();
+
+    wait_until("the task completes on worker-b", Duration::from_secs(30), || async { db.final_tasks().await == 1 })
+        .await;
+    deployment.service("worker-a").signal(Signal::SIGCONT).unwrap();
+    let worker_a = deployment.service("worker-a");
+    wait_until("worker-a's late result is rejected", Duration::from_secs(20), || async {
+        worker_a.metrics().await.is_ok_and(|m| m.sum("tasker_step_results_rejected_total", &[]) >= 1.0)
+    })
+    .await;
+
+    let details = api.task(task).await.unwrap();
+    assert_eq!(details["state"], "complete");
+    let history: Vec<(i64, String, String, String)> = details["steps"][0]["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["attempt"].as_i64().unwrap(),
+                t["from"].as_str().unwrap().to_owned(),
+                t["to"].as_str().unwrap().to_owned(),
+                t["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(i64, String, String, String)> = [
+        (0, "pending", "enqueued", "orch-1"),
+        (1, "enqueued", "in_progress", "worker-a"),
+        (1, "in_progress", "waiting_for_retry", "orch-1"),
+        (1, "waiting_for_retry", "enqueued", "orch-1"),
+        (2, "enqueued", "in_progress", "worker-b"),
+        (2, "in_progress", "complete", "worker-b"),
+    ]
+    .into_iter()
+    .map(|(a, f, t, w)| (a, f.to_owned(), t.to_owned(), w.to_owned()))
+    .collect();
+    assert_eq!(history, expected, "attempt 1 was rescued, never completed");
+    assert!(details["steps"][0]["last_error"].as_str().unwrap().contains("lease expired"));
+    assert_each_attempt_ran_once(&db, &deployment).await;
+    db.assert_invariants().await;
+    deployment.stop_all().await;
+    db.drop_database().await.unwrap();
+}
+
+/// SIGTERM mid-run: the process exits 0 within its deadline, holds nothing
+/// afterwards, and the remaining processes finish the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly_releasing_everything_and_the_rest_finish_the_work() {
+    let db = TestDatabase::create("sigterm").await.unwrap();
+    let spec = |s: ServiceSpec| s.with("POLL_INTERVAL_MS", "200").with("TASKER_SHUTDOWN_TIMEOUT_MS", "8000");
+    let mut deployment = Deployment::start(
+        &db,
+        &[
+            spec(ServiceSpec::orchestrator("orch-1", "Hybrid")),
+            spec(ServiceSpec::orchestrator("orch-2", "Hybrid")),
+            spec(ServiceSpec::worker("worker-1", "Hybrid").with("WORKER_CONCURRENCY", "8")),
+            spec(ServiceSpec::worker("worker-2", "Hybrid").with("WORKER_CONCURRENCY", "8")),
+        ],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    let template = templates::single("term", "work", "sleep", json!({"duration_ms": 150}), json!({}));
+    api.publish_template(&template).await.unwrap();
+    submit_many(&api, "term", "work", 200).await.unwrap();
+    wait_until("some tasks done", Duration::from_secs(60), || async { db.final_tasks().await >= 40 }).await;
+
+    for name in ["worker-1", "orch-2"] {
+        let service = deployment.service(name);
+        service.signal(Signal::SIGTERM).unwrap();
+        let status = service.wait_exit(Duration::from_secs(15)).await.unwrap();
+        assert_eq!(status.code(), Some(0), "{name} exits 0 after SIGTERM:\n{}", service.log_tail(20));
+    }
+    let (claims, leases): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasker.tasks WHERE claimed_by = 'orch-2'),
+                (SELECT count(*) FROM tasker.workflow_steps WHERE state = 'in_progress' AND claimed_by = 'worker-1')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((claims, leases), (0, 0), "the stopped processes hold no claim and no lease");
+
+    wait_until("all 200 tasks final", Duration::from_secs(90), || async { db.final_tasks().await == 200 }).await;
+    assert_eq!(db.task_states().await.get("complete"), Some(&200));
+    assert_each_attempt_ran_once(&db, &deployment).await;
+    db.assert_invariants().await;
+    deployment.stop_all().await;
+    db.drop_database().await.unwrap();
+}
+
+#[test]
+fn an_invalid_deployment_mode_exits_2_naming_the_variable() {
+    for binary in ["tasker-orchestrator", "tasker-worker"] {
+        let output = std::process::Command::new(tasker_tests::process::find_binary(binary).unwrap())
+            .env_clear()
+            .env("DATABASE_URL", "postgres://nowhere/none")
+            .env("DEPLOYMENT_MODE", "Sometimes")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{binary}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("DEPLOYMENT_MODE") && stderr.contains("Sometimes"), "{binary}: {stderr}");
+    }
+}
