@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tasker_shared::claim::{self, DiscoveredVia, Release, TaskClaim};
-use tasker_shared::discovery::Discovery;
+use tasker_shared::discovery::{Backoff, Discovery};
 use tasker_shared::finalize;
 use tasker_shared::metrics::{self, names};
 use tasker_shared::orchestration::{self, StepSummary, TaskTransition};
@@ -62,13 +62,18 @@ impl Orchestrator {
 
     /// Runs until `shutdown`: waits for a wake-up, then drains due work.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new();
         while let Some(via) = self.discovery.next().await {
-            if let Err(err) = self.drain(via).await {
-                tracing::warn!(error = %err, "orchestration failed; retrying shortly");
-                if !sleep_unless_shutdown(Duration::from_millis(500), &shutdown).await {
-                    break;
+            match self.drain(via).await {
+                Ok(()) => backoff.reset(),
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %err, retry_in = ?delay, "orchestration failed; retrying");
+                    if !sleep_unless_shutdown(delay, &shutdown).await {
+                        break;
+                    }
+                    self.discovery.wake(via);
                 }
-                self.discovery.wake(via);
             }
         }
         tracing::info!("orchestrator stopped claiming");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tasker_shared::claim::{self, DiscoveredVia, StepClaim};
-use tasker_shared::discovery::Discovery;
+use tasker_shared::discovery::{Backoff, Discovery};
 use tasker_shared::identifier::Identifier;
 use tasker_shared::metrics;
 use tasker_shared::service::sleep_unless_shutdown;
@@ -109,13 +109,18 @@ impl Worker {
             backlog: Arc::new(AtomicBool::new(false)),
         };
 
+        let mut backoff = Backoff::new();
         while self.discovery.next().await.is_some() {
-            if let Err(err) = self.drain(&permits, &shared).await {
-                tracing::warn!(error = %err, "claiming steps failed; retrying shortly");
-                if !sleep_unless_shutdown(Duration::from_millis(500), &shutdown).await {
-                    break;
+            match self.drain(&permits, &shared).await {
+                Ok(()) => backoff.reset(),
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %err, retry_in = ?delay, "claiming steps failed; retrying");
+                    if !sleep_unless_shutdown(delay, &shutdown).await {
+                        break;
+                    }
+                    self.discovery.wake(DiscoveredVia::Event);
                 }
-                self.discovery.wake(DiscoveredVia::Event);
             }
         }
 
