@@ -28,7 +28,8 @@ CREATE FUNCTION tasker.claim_ready_tasks(
     ready_since    timestamptz,
     claimed_at     timestamptz,
     claim_seq      bigint,
-    wake_seq       bigint
+    wake_seq       bigint,
+    created_at     timestamptz
 )
     LANGUAGE plpgsql AS $$
 BEGIN
@@ -61,10 +62,12 @@ BEGIN
             updated_at          = now()
         FROM due
         WHERE t.task_uuid = due.task_uuid
-        RETURNING t.task_uuid, t.namespace, t.state, t.priority, t.ready_since, t.claim_seq, t.wake_seq
+        RETURNING t.task_uuid, t.namespace, t.state, t.priority, t.ready_since, t.claim_seq, t.wake_seq,
+                  t.created_at
     )
     -- in the order they were chosen
-    SELECT c.task_uuid, c.namespace, c.state, c.priority, c.ready_since, now(), c.claim_seq, c.wake_seq
+    SELECT c.task_uuid, c.namespace, c.state, c.priority, c.ready_since, now(), c.claim_seq, c.wake_seq,
+           c.created_at
     FROM claimed c
     ORDER BY c.priority DESC, c.ready_since;
 END

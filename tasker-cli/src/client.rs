@@ -27,15 +27,17 @@ pub struct ApiFailure {
 impl ApiClient {
     /// A client for `base` (e.g. `http://127.0.0.1:8080`).
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
         ApiClient { base: base.into().trim_end_matches('/').to_owned(), token, http }
     }
 
     /// Sends `body` (if any) with `method` to `path`; returns status and JSON.
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);

@@ -42,9 +42,24 @@ struct Spec {
 const DEPLOYMENT: &[Spec] = &[
     Spec { name: "orch-event-1", binary: Binary::Orchestrator, mode: "EventDrivenOnly", extra: &[] },
     Spec { name: "orch-event-2", binary: Binary::Orchestrator, mode: "EventDrivenOnly", extra: &[] },
-    Spec { name: "orch-poll-1", binary: Binary::Orchestrator, mode: "PollingOnly", extra: &[("POLL_INTERVAL_MS", "1000")] },
-    Spec { name: "worker-fulfillment-1", binary: Binary::Worker, mode: "EventDrivenOnly", extra: &[("NAMESPACE", "fulfillment")] },
-    Spec { name: "worker-fulfillment-2", binary: Binary::Worker, mode: "EventDrivenOnly", extra: &[("NAMESPACE", "fulfillment")] },
+    Spec {
+        name: "orch-poll-1",
+        binary: Binary::Orchestrator,
+        mode: "PollingOnly",
+        extra: &[("POLL_INTERVAL_MS", "1000")],
+    },
+    Spec {
+        name: "worker-fulfillment-1",
+        binary: Binary::Worker,
+        mode: "EventDrivenOnly",
+        extra: &[("NAMESPACE", "fulfillment")],
+    },
+    Spec {
+        name: "worker-fulfillment-2",
+        binary: Binary::Worker,
+        mode: "EventDrivenOnly",
+        extra: &[("NAMESPACE", "fulfillment")],
+    },
     Spec { name: "worker-poll-1", binary: Binary::Worker, mode: "PollingOnly", extra: &[("POLL_INTERVAL_MS", "1000")] },
 ];
 
@@ -98,7 +113,10 @@ async fn run_deployment(url: &str, logs: &std::path::Path, options: &DemoOptions
     for service in &mut services {
         service.wait_ready(Duration::from_secs(60)).await?;
     }
-    eprintln!("deployment ready: {}", DEPLOYMENT.iter().map(|s| format!("{} ({})", s.name, s.mode)).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "deployment ready: {}",
+        DEPLOYMENT.iter().map(|s| format!("{} ({})", s.name, s.mode)).collect::<Vec<_>>().join(", ")
+    );
 
     let api = ApiClient::new(services[0].base_url(), None);
     let template: serde_json::Value = serde_json::from_str(ORDER_FULFILLMENT)?;
@@ -107,7 +125,9 @@ async fn run_deployment(url: &str, logs: &std::path::Path, options: &DemoOptions
 
     let started = std::time::Instant::now();
     let bar = ProgressBar::new(options.tasks as u64);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tasks complete ({per_sec})")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tasks complete ({per_sec})",
+    )?);
     let mut submitted = 0;
     while submitted < options.tasks {
         let n = (options.tasks - submitted).min(200);
@@ -179,7 +199,11 @@ async fn print_summary(pool: &PgPool, services: &[ServiceProcess], tasks: usize)
     println!("  complete            {complete} (other final states: {other})");
     println!("  steps run           {steps}");
     if let Some(span) = span {
-        println!("  throughput          {:.0} tasks/s ({:.0} steps/s) from first submission to last completion", complete as f64 / span, steps / span);
+        println!(
+            "  throughput          {:.0} tasks/s ({:.0} steps/s) from first submission to last completion",
+            complete as f64 / span,
+            steps / span
+        );
     }
     println!("  submit-to-complete  p50 {}  p95 {}  p99 {}  max {}", ms(p50), ms(p95), ms(p99), ms(max));
     println!(

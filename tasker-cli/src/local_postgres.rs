@@ -32,17 +32,9 @@ impl LocalPostgres {
                 .context("running as root needs a `postgres` user to run the server")?;
             std::os::unix::fs::chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
         }
-        let mut server = LocalPostgres {
-            dir: Some(dir),
-            bin_dir,
-            port: 0,
-            run_as_postgres,
-        };
+        let mut server = LocalPostgres { dir: Some(dir), bin_dir, port: 0, run_as_postgres };
         let data = server.data_dir();
-        server.run(
-            "initdb",
-            &["-D", &data, "-U", "tasker", "--auth=trust", "-E", "UTF8", "--no-locale"],
-        )?;
+        server.run("initdb", &["-D", &data, "-U", "tasker", "--auth=trust", "-E", "UTF8", "--no-locale"])?;
         let mut last_error = None;
         for _ in 0..5 {
             server.port = free_port()?;
@@ -64,10 +56,7 @@ impl LocalPostgres {
         if let Some(err) = last_error {
             return Err(err.context("starting PostgreSQL"));
         }
-        server.run(
-            "createdb",
-            &["-h", "127.0.0.1", "-p", &server.port.to_string(), "-U", "tasker", "tasker"],
-        )?;
+        server.run("createdb", &["-h", "127.0.0.1", "-p", &server.port.to_string(), "-U", "tasker", "tasker"])?;
         Ok(server)
     }
 
@@ -160,7 +149,5 @@ fn find_bin_dir() -> anyhow::Result<PathBuf> {
         .filter(|p| p.join("initdb").is_file())
         .collect();
     candidates.sort();
-    candidates
-        .pop()
-        .context("PostgreSQL's initdb and pg_ctl were not found; install PostgreSQL or set DATABASE_URL")
+    candidates.pop().context("PostgreSQL's initdb and pg_ctl were not found; install PostgreSQL or set DATABASE_URL")
 }

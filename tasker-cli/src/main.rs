@@ -130,8 +130,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&task)?);
                 return Ok(());
             }
-            println!("{} {}/{} {}: {}", task_uuid, task["namespace"].as_str().unwrap_or(""), task["name"].as_str().unwrap_or(""),
-                task["version"].as_str().unwrap_or(""), task["state"].as_str().unwrap_or(""));
+            println!(
+                "{} {}/{} {}: {}",
+                task_uuid,
+                task["namespace"].as_str().unwrap_or(""),
+                task["name"].as_str().unwrap_or(""),
+                task["version"].as_str().unwrap_or(""),
+                task["state"].as_str().unwrap_or("")
+            );
             for step in task["steps"].as_array().into_iter().flatten() {
                 println!(
                     "  {:<24} {:<18} attempts {}/{}{}",

@@ -21,11 +21,8 @@ pub struct Metrics {
 impl Metrics {
     /// Parses exposition text; comment and malformed lines are skipped.
     pub fn parse(text: &str) -> Self {
-        let samples = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(parse_line)
-            .collect();
+        let samples =
+            text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).filter_map(parse_line).collect();
         Metrics { samples }
     }
 

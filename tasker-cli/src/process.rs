@@ -45,12 +45,9 @@ pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .map(|d| d.join(name));
-    beside
-        .into_iter()
-        .chain(above)
-        .chain(on_path)
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found next to {} or on PATH; build it with `cargo build --bins`", exe.display()))
+    beside.into_iter().chain(above).chain(on_path).find(|p| p.is_file()).with_context(|| {
+        format!("{name} not found next to {} or on PATH; build it with `cargo build --bins`", exe.display())
+    })
 }
 
 /// A running service.
@@ -110,12 +107,8 @@ impl ServiceProcess {
             if let Some(status) = self.child.try_wait()? {
                 bail!("{} exited ({status}) before becoming ready:\n{}", self.name, self.log_tail(30));
             }
-            let ok = client
-                .get(&url)
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let ok =
+                client.get(&url).timeout(Duration::from_secs(2)).send().await.is_ok_and(|r| r.status().is_success());
             if ok {
                 return Ok(());
             }

@@ -25,11 +25,7 @@ pub struct Plan {
 /// this pass enqueued what it could. `next_retry_at` is the earliest scheduled
 /// retry among its steps.
 pub fn plan(state: TaskState, counts: &StepCounts, next_retry_at: Option<DateTime<Utc>>) -> Plan {
-    let nothing = Plan {
-        events: Vec::new(),
-        finalize: false,
-        next_due: None,
-    };
+    let nothing = Plan { events: Vec::new(), finalize: false, next_due: None };
     if state.is_final() || counts.total() == 0 {
         return nothing;
     }
@@ -56,11 +52,7 @@ pub fn plan(state: TaskState, counts: &StepCounts, next_retry_at: Option<DateTim
     let route = path(state, target);
     Plan {
         finalize: finalize && route.is_some(),
-        next_due: if finalize {
-            None
-        } else {
-            next_retry_at.filter(|_| counts.waiting_for_retry > 0)
-        },
+        next_due: if finalize { None } else { next_retry_at.filter(|_| counts.waiting_for_retry > 0) },
         events: route.unwrap_or_default(),
     }
 }
@@ -68,11 +60,7 @@ pub fn plan(state: TaskState, counts: &StepCounts, next_retry_at: Option<DateTim
 /// A failure is finalized from `blocked_by_failures` if the task is already
 /// there, else from `steps_in_process` (both have an edge to `error`).
 fn finalizable_failure_state(state: TaskState) -> TaskState {
-    if state == TaskState::BlockedByFailures {
-        TaskState::BlockedByFailures
-    } else {
-        TaskState::StepsInProcess
-    }
+    if state == TaskState::BlockedByFailures { TaskState::BlockedByFailures } else { TaskState::StepsInProcess }
 }
 
 /// The shortest sequence of events from `from` to `to` in the task machine.
@@ -118,47 +106,24 @@ mod tests {
 
     #[test]
     fn a_new_task_with_enqueued_steps_starts() {
-        let p = plan(
-            TaskState::Pending,
-            &counts(&[(StepState::Enqueued, 1), (StepState::Pending, 3)]),
-            None,
-        );
-        assert_eq!(
-            p,
-            Plan {
-                events: vec![TaskEvent::Start],
-                finalize: false,
-                next_due: None
-            }
-        );
+        let p = plan(TaskState::Pending, &counts(&[(StepState::Enqueued, 1), (StepState::Pending, 3)]), None);
+        assert_eq!(p, Plan { events: vec![TaskEvent::Start], finalize: false, next_due: None });
     }
 
     #[test]
     fn all_complete_asks_for_finalization() {
-        let p = plan(
-            TaskState::StepsInProcess,
-            &counts(&[(StepState::Complete, 4)]),
-            None,
-        );
+        let p = plan(TaskState::StepsInProcess, &counts(&[(StepState::Complete, 4)]), None);
         assert!(p.finalize && p.events.is_empty());
     }
 
     #[test]
     fn a_failure_blocks_while_others_run_then_fails_the_task() {
-        let running = counts(&[
-            (StepState::Error, 1),
-            (StepState::InProgress, 1),
-            (StepState::Pending, 1),
-        ]);
+        let running = counts(&[(StepState::Error, 1), (StepState::InProgress, 1), (StepState::Pending, 1)]);
         let p = plan(TaskState::StepsInProcess, &running, None);
         assert_eq!(p.events, [TaskEvent::Block]);
         assert!(!p.finalize);
 
-        let drained = counts(&[
-            (StepState::Error, 1),
-            (StepState::Complete, 1),
-            (StepState::Pending, 1),
-        ]);
+        let drained = counts(&[(StepState::Error, 1), (StepState::Complete, 1), (StepState::Pending, 1)]);
         let p = plan(TaskState::BlockedByFailures, &drained, None);
         assert!(p.finalize && p.events.is_empty());
     }
@@ -174,11 +139,8 @@ mod tests {
         assert_eq!(p.events, [TaskEvent::WaitForRetry]);
         assert_eq!(p.next_due, Some(at));
 
-        let resumed = plan(
-            TaskState::WaitingForRetry,
-            &counts(&[(StepState::Enqueued, 1), (StepState::Pending, 2)]),
-            None,
-        );
+        let resumed =
+            plan(TaskState::WaitingForRetry, &counts(&[(StepState::Enqueued, 1), (StepState::Pending, 2)]), None);
         assert_eq!(resumed.events, [TaskEvent::Resume]);
     }
 

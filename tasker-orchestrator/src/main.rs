@@ -8,11 +8,7 @@ use tasker_shared::service::{self, EXIT_BAD_CONFIG};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tasker-orchestrator",
-    version,
-    about = "Tasker's orchestrator service"
-)]
+#[command(name = "tasker-orchestrator", version, about = "Tasker's orchestrator service")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -55,11 +51,7 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err)
-            if err
-                .downcast_ref::<tasker_orchestrator::startup::BadTemplateFile>()
-                .is_some() =>
-        {
+        Err(err) if err.downcast_ref::<tasker_orchestrator::startup::BadTemplateFile>().is_some() => {
             tracing::error!("{err:#}");
             std::process::exit(EXIT_BAD_CONFIG);
         }

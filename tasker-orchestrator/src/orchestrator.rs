@@ -14,12 +14,13 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tasker_shared::claim::{self, DiscoveredVia, Release, TaskClaim};
 use tasker_shared::discovery::{Backoff, Discovery};
+use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::finalize;
 use tasker_shared::metrics::{self, names};
 use tasker_shared::orchestration::{self, StepSummary, TaskTransition};
 use tasker_shared::retry::BackoffPolicy;
 use tasker_shared::service::sleep_unless_shutdown;
-use tasker_shared::state_machine::TaskState;
+use tasker_shared::state_machine::{TaskEvent, TaskState};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -33,6 +34,7 @@ pub struct Orchestrator {
     claim_batch: i32,
     claim_timeout: Duration,
     discovery: Discovery,
+    stats: SampledStatisticsCollector,
 }
 
 /// What a pass over one batch found out.
@@ -40,6 +42,16 @@ pub struct Orchestrator {
 struct PassOutcome {
     /// Some task was woken while we held it: claim again now.
     still_due: bool,
+}
+
+/// What a committed pass did, for metrics and statistics.
+#[derive(Debug, Default)]
+struct PassRecord {
+    enqueued: usize,
+    namespaces_notified: usize,
+    due_announced: bool,
+    retry_delays: Vec<Duration>,
+    finalized: Vec<(Uuid, TaskState, DateTime<Utc>)>,
 }
 
 impl Orchestrator {
@@ -50,6 +62,7 @@ impl Orchestrator {
         claim_batch: u32,
         claim_timeout: Duration,
         discovery: Discovery,
+        stats: SampledStatisticsCollector,
     ) -> Self {
         Orchestrator {
             pool,
@@ -57,6 +70,7 @@ impl Orchestrator {
             claim_batch: i32::try_from(claim_batch).unwrap_or(64),
             claim_timeout,
             discovery,
+            stats,
         }
     }
 
@@ -83,21 +97,20 @@ impl Orchestrator {
     /// timer for the next known due time.
     async fn drain(&self, via: DiscoveredVia) -> tasker_shared::Result<()> {
         loop {
-            let started = Instant::now();
-            let claims = claim::claim_ready_tasks(
-                &self.pool,
-                &self.id,
-                self.claim_batch,
-                self.claim_timeout,
-                via,
-            )
-            .await?;
-            metrics::claim_duration("tasks", started.elapsed());
+            let iteration = Instant::now();
+            let claims =
+                claim::claim_ready_tasks(&self.pool, &self.id, self.claim_batch, self.claim_timeout, via).await?;
+            let claim_elapsed = iteration.elapsed();
+            metrics::claim_duration("tasks", claim_elapsed);
+            self.stats.record(Event::ClaimCycle, claim_elapsed).await;
             if claims.is_empty() {
+                metrics::add_processing_time(iteration.elapsed());
                 break;
             }
             for c in &claims {
-                metrics::task_discovered(via, c.discovery_lag());
+                let lag = c.discovery_lag();
+                metrics::task_discovered(via, lag);
+                self.stats.record(Event::TaskClaimed, lag).await;
             }
             let full = claims.len() == usize::try_from(self.claim_batch).unwrap_or(usize::MAX);
             let outcome = match self.orchestrate(&claims).await {
@@ -107,6 +120,7 @@ impl Orchestrator {
                     return Err(err);
                 }
             };
+            metrics::add_processing_time(iteration.elapsed());
             if !full && !outcome.still_due {
                 break;
             }
@@ -124,22 +138,21 @@ impl Orchestrator {
         .fetch_one(&self.pool)
         .await?;
         if let Some(at) = next {
-            let wait = (at - Utc::now()).to_std().unwrap_or_default();
-            self.discovery
-                .schedule(tokio::time::Instant::now() + wait)
-                .await;
+            self.schedule_at(at).await;
         }
         Ok(())
+    }
+
+    async fn schedule_at(&self, at: DateTime<Utc>) {
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        self.discovery.schedule(tokio::time::Instant::now() + wait).await;
     }
 
     /// After a failed pass, hands the claims back so another pass can try soon
     /// instead of waiting for the leases to expire. Best effort: if the database
     /// is unreachable, the leases expire on their own.
     async fn release_after_failure(&self, claims: &[TaskClaim]) {
-        let releases: Vec<Release> = claims
-            .iter()
-            .map(|c| Release::of(c, Some(Utc::now())))
-            .collect();
+        let releases: Vec<Release> = claims.iter().map(|c| Release::of(c, Some(Utc::now()))).collect();
         if let Err(err) = claim::release_task_claims(&self.pool, &self.id, &releases).await {
             tracing::warn!(error = %err, tasks = claims.len(), "could not release claims; they expire by themselves");
         }
@@ -152,51 +165,29 @@ impl Orchestrator {
 
         // Task rows first (the schema's lock order); drop claims we lost.
         let held: HashMap<Uuid, TaskState> =
-            orchestration::lock_claimed_tasks(&mut tx, &self.id, claims)
-                .await?
-                .into_iter()
-                .collect();
+            orchestration::lock_claimed_tasks(&mut tx, &self.id, claims).await?.into_iter().collect();
         let claims: Vec<TaskClaim> = claims
             .iter()
-            .filter_map(|c| {
-                held.get(&c.task_uuid)
-                    .map(|&state| TaskClaim { state, ..c.clone() })
-            })
+            .filter_map(|c| held.get(&c.task_uuid).map(|&state| TaskClaim { state, ..c.clone() }))
             .collect();
         let uuids: Vec<Uuid> = claims.iter().map(|c| c.task_uuid).collect();
 
-        self.schedule_retries(&mut tx, &uuids).await?;
+        let retry_delays = self.schedule_retries(&mut tx, &uuids).await?;
         let enqueued = orchestration::enqueue_ready_steps(&mut *tx, &self.id, &claims).await?;
         let summaries: HashMap<Uuid, StepSummary> =
-            orchestration::summarize_steps(&mut *tx, &uuids)
-                .await?
-                .into_iter()
-                .map(|s| (s.task_uuid, s))
-                .collect();
+            orchestration::summarize_steps(&mut *tx, &uuids).await?.into_iter().map(|s| (s.task_uuid, s)).collect();
 
         let mut plans = Vec::with_capacity(claims.len());
         for claim in &claims {
-            let Some(summary) = summaries.get(&claim.task_uuid) else {
-                continue;
-            };
-            plans.push((
-                claim,
-                evaluation::plan(claim.state, &summary.counts, summary.next_retry_at),
-            ));
+            let Some(summary) = summaries.get(&claim.task_uuid) else { continue };
+            plans.push((claim, evaluation::plan(claim.state, &summary.counts, summary.next_retry_at)));
         }
 
         self.apply_transitions(&mut tx, &plans).await?;
-        let to_finalize: Vec<Uuid> = plans
-            .iter()
-            .filter(|(_, p)| p.finalize)
-            .map(|(c, _)| c.task_uuid)
-            .collect();
+        let to_finalize: Vec<Uuid> = plans.iter().filter(|(_, p)| p.finalize).map(|(c, _)| c.task_uuid).collect();
         let finalized = finalize::finalize_tasks(&mut *tx, &to_finalize, &self.id).await?;
 
-        let releases: Vec<Release> = plans
-            .iter()
-            .map(|(c, p)| Release::of(c, p.next_due))
-            .collect();
+        let releases: Vec<Release> = plans.iter().map(|(c, p)| Release::of(c, p.next_due)).collect();
         let released = claim::release_task_claims(&mut *tx, &self.id, &releases).await?;
         let next_due = plans.iter().filter_map(|(_, p)| p.next_due).min();
         if let Some(at) = next_due {
@@ -205,50 +196,77 @@ impl Orchestrator {
         tx.commit().await?;
 
         // Only now, with everything committed, count what happened.
-        record_enqueued(&enqueued);
-        for f in finalized.iter().filter(|f| f.finalized) {
-            let state = f.state.map_or("unknown", TaskState::as_str);
-            metrics::counter_with(names::TASKS_FINALIZED, "state", state);
-            tracing::debug!(task = %f.task_uuid, state, "task finalized");
-        }
+        let created: HashMap<Uuid, DateTime<Utc>> = claims.iter().map(|c| (c.task_uuid, c.created_at)).collect();
+        let record = PassRecord {
+            enqueued: enqueued.len(),
+            namespaces_notified: notified_namespaces(&enqueued),
+            due_announced: next_due.is_some(),
+            retry_delays,
+            finalized: finalized
+                .iter()
+                .filter(|f| f.finalized)
+                .filter_map(|f| Some((f.task_uuid, f.state?, *created.get(&f.task_uuid)?)))
+                .collect(),
+        };
         if let Some(at) = next_due {
-            let wait = (at - Utc::now()).to_std().unwrap_or_default();
-            self.discovery
-                .schedule(tokio::time::Instant::now() + wait)
-                .await;
+            self.schedule_at(at).await;
         }
-        metrics::orchestration_duration(started.elapsed());
-        Ok(PassOutcome {
-            still_due: released.iter().any(|r| r.still_due),
-        })
+        self.account(&record, started.elapsed()).await;
+        Ok(PassOutcome { still_due: released.iter().any(|r| r.still_due) })
+    }
+
+    /// Metrics and statistics for a committed pass.
+    async fn account(&self, record: &PassRecord, pass: Duration) {
+        metrics::orchestration_duration(pass);
+        if record.enqueued > 0 {
+            metrics::counter_by(names::STEPS_ENQUEUED, record.enqueued as u64);
+            self.stats.record(Event::StepsEnqueued, pass).await;
+        }
+        if record.namespaces_notified > 0 {
+            metrics::notifications_sent("steps", record.namespaces_notified as u64);
+        }
+        if record.due_announced {
+            metrics::notifications_sent("tasks", 1);
+        }
+        for _ in 0..record.namespaces_notified + usize::from(record.due_announced) {
+            self.stats.record(Event::NotificationSent, pass).await;
+        }
+        if !record.retry_delays.is_empty() {
+            metrics::counter_by(names::STEPS_RETRIED, record.retry_delays.len() as u64);
+        }
+        for delay in &record.retry_delays {
+            self.stats.record(Event::StepRetried, *delay).await;
+        }
+        for (task, state, created_at) in &record.finalized {
+            metrics::counter_with(names::TASKS_FINALIZED, "state", state.as_str());
+            tracing::debug!(task = %task, state = %state, "task finalized");
+            let latency = (Utc::now() - *created_at).to_std().unwrap_or_default();
+            self.stats.record(Event::TaskFinalized, latency).await;
+        }
     }
 
     /// Gives failed steps waiting for a retry their retry time (backoff with
-    /// jitter, from each step's policy).
+    /// jitter, from each step's policy); returns the delays chosen.
     async fn schedule_retries(
         &self,
         tx: &mut sqlx::PgConnection,
         uuids: &[Uuid],
-    ) -> tasker_shared::Result<()> {
+    ) -> tasker_shared::Result<Vec<Duration>> {
         let unscheduled = orchestration::unscheduled_retries(&mut *tx, uuids).await?;
         if unscheduled.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut rng = fastrand::Rng::new();
         let now = Utc::now();
+        let delays: Vec<Duration> =
+            unscheduled.iter().map(|r| BackoffPolicy::from_millis(r.backoff_ms).delay(r.attempts, &mut rng)).collect();
         let retries: Vec<(Uuid, DateTime<Utc>)> = unscheduled
             .iter()
-            .map(|r| {
-                let delay = BackoffPolicy::from_millis(r.backoff_ms).delay(r.attempts, &mut rng);
-                (
-                    r.step_uuid,
-                    now + chrono::Duration::from_std(delay).unwrap_or_default(),
-                )
-            })
+            .zip(&delays)
+            .map(|(r, delay)| (r.step_uuid, now + chrono::Duration::from_std(*delay).unwrap_or_default()))
             .collect();
-        let scheduled = orchestration::schedule_step_retries(&mut *tx, &retries).await?;
-        metrics::counter_by(names::STEPS_RETRIED, u64::try_from(scheduled).unwrap_or(0));
-        Ok(())
+        orchestration::schedule_step_retries(&mut *tx, &retries).await?;
+        Ok(delays)
     }
 
     /// Applies the plans' transitions; plans have at most two events, applied
@@ -286,16 +304,15 @@ impl Orchestrator {
     }
 }
 
-fn reason(event: tasker_shared::state_machine::TaskEvent) -> &'static str {
-    use tasker_shared::state_machine::TaskEvent as E;
+fn reason(event: TaskEvent) -> &'static str {
     match event {
-        E::Start => "first steps enqueued",
-        E::WaitForRetry => "nothing running; waiting for a retry",
-        E::Resume => "retry enqueued",
-        E::Block => "a step failed permanently; letting running steps finish",
-        E::Complete => "all steps complete",
-        E::Fail => "a step failed permanently",
-        E::Cancel => "cancelled",
+        TaskEvent::Start => "first steps enqueued",
+        TaskEvent::WaitForRetry => "nothing running; waiting for a retry",
+        TaskEvent::Resume => "retry enqueued",
+        TaskEvent::Block => "a step failed permanently; letting running steps finish",
+        TaskEvent::Complete => "all steps complete",
+        TaskEvent::Fail => "a step failed permanently",
+        TaskEvent::Cancel => "cancelled",
     }
 }
 
@@ -303,20 +320,14 @@ fn reason(event: tasker_shared::state_machine::TaskEvent) -> &'static str {
 /// their timers cover a retry even if this process stops.
 async fn announce_due(tx: &mut sqlx::PgConnection, at: DateTime<Utc>) -> tasker_shared::Result<()> {
     let payload = format!("due:{}", at.timestamp_millis());
-    sqlx::query!("SELECT pg_notify(tasker.task_channel(), $1)", payload)
-        .execute(&mut *tx)
-        .await?;
-    metrics::notifications_sent("tasks", 1);
+    sqlx::query!("SELECT pg_notify(tasker.task_channel(), $1)", payload).execute(&mut *tx).await?;
     Ok(())
 }
 
-fn record_enqueued(enqueued: &[orchestration::EnqueuedStep]) {
-    if enqueued.is_empty() {
-        return;
-    }
-    metrics::counter_by(names::STEPS_ENQUEUED, enqueued.len() as u64);
+/// How many step channels `enqueue_ready_steps` notified: one per namespace.
+fn notified_namespaces(enqueued: &[orchestration::EnqueuedStep]) -> usize {
     let mut namespaces: Vec<&str> = enqueued.iter().map(|e| e.namespace.as_str()).collect();
     namespaces.sort_unstable();
     namespaces.dedup();
-    metrics::notifications_sent("steps", namespaces.len() as u64);
+    namespaces.len()
 }

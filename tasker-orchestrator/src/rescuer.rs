@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::orchestration;
 use tasker_shared::state_machine::StepState;
@@ -18,7 +19,13 @@ use tokio_util::sync::CancellationToken;
 const BATCH: i32 = 500;
 
 /// Runs the rescuer every `interval` until `shutdown`.
-pub async fn run(pool: PgPool, actor: String, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    pool: PgPool,
+    actor: String,
+    interval: Duration,
+    stats: SampledStatisticsCollector,
+    shutdown: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -30,6 +37,7 @@ pub async fn run(pool: PgPool, actor: String, interval: Duration, shutdown: Canc
             match orchestration::expire_step_leases(&pool, &actor, BATCH).await {
                 Ok(expired) => {
                     for step in &expired {
+                        stats.record(Event::StepLeaseExpired, Duration::ZERO).await;
                         tracing::warn!(
                             step = %step.step_uuid, task = %step.task_uuid, now = %step.state,
                             "step lease expired: its worker stopped heartbeating"
@@ -37,16 +45,10 @@ pub async fn run(pool: PgPool, actor: String, interval: Duration, shutdown: Canc
                     }
                     if !expired.is_empty() {
                         metrics::counter_by(names::STEP_LEASES_EXPIRED, expired.len() as u64);
-                        let tasks = expired
-                            .iter()
-                            .map(|s| s.task_uuid)
-                            .collect::<std::collections::HashSet<_>>();
+                        let tasks = expired.iter().map(|s| s.task_uuid).collect::<std::collections::HashSet<_>>();
                         metrics::tasks_made_ready("rescue", tasks.len() as u64);
                         metrics::notifications_sent("tasks", 1);
-                        let failed = expired
-                            .iter()
-                            .filter(|s| s.state == StepState::Error)
-                            .count();
+                        let failed = expired.iter().filter(|s| s.state == StepState::Error).count();
                         if failed > 0 {
                             tracing::warn!(failed, "steps out of attempts after lease expiry");
                         }

@@ -8,6 +8,8 @@ use anyhow::Context;
 use tasker_shared::config::{Service, Settings};
 use tasker_shared::db::{self, PoolSettings};
 use tasker_shared::discovery::{Channels, Discovery, DiscoveryConfig};
+use tasker_shared::event_system::SampledStatisticsCollector;
+use tasker_shared::maintenance;
 use tasker_shared::service::{bind_http, retry_until, serve_http};
 use tasker_shared::template::{self, PublishOutcome, TaskTemplate};
 use tasker_shared::{http, metrics};
@@ -32,8 +34,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let id = settings.instance_id(Service::Orchestrator);
     let mode = settings.deployment_mode;
     let templates = read_templates(&settings.orchestrator.templates_dir)?;
-    let metrics_handle = metrics::install("orchestrator", mode.as_str(), &id)
-        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    let metrics_handle =
+        metrics::install("orchestrator", mode.as_str(), &id).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let http_listener = bind_http(settings.http_addr(Service::Orchestrator))
         .await
         .context("binding the HTTP address (TASKER_HTTP_ADDR)")?;
@@ -49,15 +51,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     )
     .context("DATABASE_URL")?;
 
-    let Some(()) = retry_until("connecting and migrating the schema", &shutdown, || {
-        db::migrate(&pool)
-    })
-    .await
-    else {
+    let Some(()) = retry_until("connecting and migrating the schema", &shutdown, || db::migrate(&pool)).await else {
         return Ok(());
     };
     tracing::info!("schema is up to date");
     publish_templates(&pool, &templates).await?;
+
+    // Statistics outlive processing, so the last events are flushed.
+    let stats_stop = CancellationToken::new();
+    let (stats, stats_writer) =
+        SampledStatisticsCollector::start(&settings.statistics, pool.clone(), &id, stats_stop.clone());
+    let upkeep = tokio::spawn(maintenance::run(
+        pool.clone(),
+        settings.maintenance.clone(),
+        settings.statistics.retention_days,
+        shutdown.clone(),
+    ));
 
     let discovery = Discovery::start(
         DiscoveryConfig {
@@ -67,6 +76,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             ping_interval: std::time::Duration::from_millis(settings.listener_ping_ms),
             database_url: settings.database_url().to_owned(),
             listener_name: format!("{id}:listener"),
+            statistics: stats.clone(),
         },
         shutdown.clone(),
     );
@@ -77,12 +87,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.orchestrator.claim_batch,
         settings.orchestrator.claim_timeout(),
         discovery.clone(),
+        stats.clone(),
     );
     let orchestration = tokio::spawn(orchestrator.run(shutdown.clone()));
     let rescue = tokio::spawn(rescuer::run(
         pool.clone(),
         id.clone(),
         settings.orchestrator.rescue_interval(),
+        stats.clone(),
         shutdown.clone(),
     ));
 
@@ -90,12 +102,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         pool: pool.clone(),
         discovery,
         metrics: metrics_handle,
+        statistics: stats.clone(),
     })
     .merge(api::router(
-        ApiState {
-            pool: pool.clone(),
-            actor: id.clone(),
-        },
+        ApiState { pool: pool.clone(), actor: id.clone(), stats: stats.clone() },
         settings.orchestrator.max_body_bytes,
         settings.orchestrator.api_token.clone(),
     ));
@@ -107,13 +117,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let _ = orchestration.await;
         let _ = rescue.await;
         let _ = server.await;
+        let _ = upkeep.await;
+        stats_stop.cancel();
+        if let Some(writer) = stats_writer {
+            writer.finished().await;
+        }
     })
     .await;
     if stopped.is_err() {
-        tracing::warn!(
-            ?deadline,
-            "shutdown deadline passed; claims still held will expire by themselves"
-        );
+        tracing::warn!(?deadline, "shutdown deadline passed; claims still held will expire by themselves");
     }
     pool.close().await;
     tracing::info!("orchestrator stopped");
@@ -129,13 +141,9 @@ pub fn read_templates(dir: &Path) -> Result<Vec<TaskTemplate>, BadTemplateFile> 
     files
         .into_iter()
         .map(|path| {
-            let bad = |problem: String| BadTemplateFile {
-                path: path.display().to_string(),
-                problem,
-            };
+            let bad = |problem: String| BadTemplateFile { path: path.display().to_string(), problem };
             let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-            let template: TaskTemplate =
-                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let template: TaskTemplate = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
             template.validate().map_err(|e| bad(e.to_string()))?;
             Ok(template)
         })
@@ -161,12 +169,7 @@ async fn publish_templates(pool: &sqlx::PgPool, templates: &[TaskTemplate]) -> a
         let mut tx = pool.begin().await?;
         let outcome = template::publish_template(&mut tx, t)
             .await
-            .with_context(|| {
-                format!(
-                    "publishing template {}/{} {}",
-                    t.namespace, t.name, t.version
-                )
-            })?;
+            .with_context(|| format!("publishing template {}/{} {}", t.namespace, t.name, t.version))?;
         tx.commit().await?;
         if outcome == PublishOutcome::Created {
             tracing::info!(namespace = %t.namespace, name = %t.name, version = %t.version, "template published");

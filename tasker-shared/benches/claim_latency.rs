@@ -20,31 +20,20 @@ const ROUNDS: usize = 3_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url =
-        std::env::var("DATABASE_URL").context("set DATABASE_URL (scripts/bench-claim does)")?;
+    let url = std::env::var("DATABASE_URL").context("set DATABASE_URL (scripts/bench-claim does)")?;
     let database = format!("tasker_bench_claim_{}", std::process::id());
     let mut admin = PgConnection::connect(&url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {database}"
-    )))
-    .execute(&mut admin)
-    .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-        .execute(&mut admin)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {database}"))).execute(&mut admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}"))).execute(&mut admin).await?;
     let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(options.database(&database))
-        .await?;
+    let pool =
+        sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_with(options.database(&database)).await?;
 
     let result = run(&pool).await;
     pool.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await?;
     result
 }
 
@@ -58,13 +47,8 @@ async fn run(pool: &PgPool) -> anyhow::Result<()> {
     template::publish_template(&mut tx, &template).await?;
     tx.commit().await?;
 
-    println!(
-        "claim_ready_tasks latency: {DUE_TASKS} due tasks, batches of {CLAIM_BATCH}, {ROUNDS} claims per size"
-    );
-    println!(
-        "{:>12} {:>10} {:>10} {:>10} {:>10}",
-        "finished", "p50 (us)", "p95 (us)", "p99 (us)", "mean (us)"
-    );
+    println!("claim_ready_tasks latency: {DUE_TASKS} due tasks, batches of {CLAIM_BATCH}, {ROUNDS} claims per size");
+    println!("{:>12} {:>10} {:>10} {:>10} {:>10}", "finished", "p50 (us)", "p95 (us)", "p99 (us)", "mean (us)");
 
     add_finished(pool, 10_000).await?;
     add_due(pool, &template).await?;
@@ -84,9 +68,7 @@ async fn run(pool: &PgPool) -> anyhow::Result<()> {
 async fn add_finished(pool: &PgPool, n: i64) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut conn = pool.acquire().await?;
-    sqlx::query("SET session_replication_role = replica")
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await?;
     sqlx::query(
         "WITH new_tasks AS (
              INSERT INTO tasker.tasks (task_uuid, template_id, namespace, state, context, created_at,
@@ -103,12 +85,8 @@ async fn add_finished(pool: &PgPool, n: i64) -> anyhow::Result<()> {
     .bind(n)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("SET session_replication_role = DEFAULT")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("VACUUM ANALYZE tasker.tasks")
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query("SET session_replication_role = DEFAULT").execute(&mut *conn).await?;
+    sqlx::query("VACUUM ANALYZE tasker.tasks").execute(&mut *conn).await?;
     eprintln!("  (loaded {n} finished tasks in {:.1?})", started.elapsed());
     Ok(())
 }
@@ -137,26 +115,15 @@ async fn measure(pool: &PgPool, finished: i64) -> anyhow::Result<Histogram<u64>>
     // Warm up caches and plans.
     for round in 0..ROUNDS + 200 {
         let started = Instant::now();
-        let claims = claim::claim_ready_tasks(
-            &mut *conn,
-            "bench",
-            CLAIM_BATCH,
-            Duration::from_secs(60),
-            DiscoveredVia::Poll,
-        )
-        .await?;
+        let claims =
+            claim::claim_ready_tasks(&mut *conn, "bench", CLAIM_BATCH, Duration::from_secs(60), DiscoveredVia::Poll)
+                .await?;
         let elapsed = started.elapsed();
-        anyhow::ensure!(
-            claims.len() == CLAIM_BATCH as usize,
-            "expected a full batch"
-        );
+        anyhow::ensure!(claims.len() == CLAIM_BATCH as usize, "expected a full batch");
         if round >= 200 {
             histogram.record(u64::try_from(elapsed.as_micros())?)?;
         }
-        let releases: Vec<Release> = claims
-            .iter()
-            .map(|c| Release::of(c, Some(chrono::Utc::now())))
-            .collect();
+        let releases: Vec<Release> = claims.iter().map(|c| Release::of(c, Some(chrono::Utc::now()))).collect();
         claim::release_task_claims(&mut *conn, "bench", &releases).await?;
     }
     println!(

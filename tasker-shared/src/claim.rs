@@ -55,14 +55,14 @@ pub struct TaskClaim {
     pub claim_seq: i64,
     /// Wake-ups seen at claim time; releasing compares it to detect new work.
     pub wake_seq: i64,
+    /// When the task was submitted.
+    pub created_at: DateTime<Utc>,
 }
 
 impl TaskClaim {
     /// How long the work waited between becoming due and being claimed.
     pub fn discovery_lag(&self) -> Duration {
-        self.ready_since
-            .and_then(|since| (self.claimed_at - since).to_std().ok())
-            .unwrap_or_default()
+        self.ready_since.and_then(|since| (self.claimed_at - since).to_std().ok()).unwrap_or_default()
     }
 }
 
@@ -78,7 +78,8 @@ pub async fn claim_ready_tasks(
         TaskClaim,
         r#"SELECT task_uuid AS "task_uuid!", namespace AS "namespace!",
                   state AS "state!: TaskState", priority AS "priority!", ready_since,
-                  claimed_at AS "claimed_at!", claim_seq AS "claim_seq!", wake_seq AS "wake_seq!"
+                  claimed_at AS "claimed_at!", claim_seq AS "claim_seq!", wake_seq AS "wake_seq!",
+                  created_at AS "created_at!"
            FROM tasker.claim_ready_tasks($1, $2, $3, $4)"#,
         orchestrator_id,
         limit,
@@ -97,8 +98,7 @@ pub async fn extend_task_claims(
     claims: &[&TaskClaim],
     claim_timeout: Duration,
 ) -> Result<Vec<Uuid>> {
-    let (uuids, seqs): (Vec<Uuid>, Vec<i64>) =
-        claims.iter().map(|c| (c.task_uuid, c.claim_seq)).unzip();
+    let (uuids, seqs): (Vec<Uuid>, Vec<i64>) = claims.iter().map(|c| (c.task_uuid, c.claim_seq)).unzip();
     let extended = sqlx::query_scalar!(
         r#"SELECT task_uuid AS "task_uuid!" FROM tasker.extend_task_claims($1, $2, $3, $4)"#,
         orchestrator_id,
@@ -127,12 +127,7 @@ pub struct Release {
 impl Release {
     /// A release of `claim` that asks to be looked at again at `next_due`.
     pub fn of(claim: &TaskClaim, next_due: Option<DateTime<Utc>>) -> Self {
-        Release {
-            task_uuid: claim.task_uuid,
-            claim_seq: claim.claim_seq,
-            wake_seq: claim.wake_seq,
-            next_due,
-        }
+        Release { task_uuid: claim.task_uuid, claim_seq: claim.claim_seq, wake_seq: claim.wake_seq, next_due }
     }
 }
 
@@ -208,10 +203,7 @@ impl StepClaim {
 
     /// The fence identifying this attempt.
     pub fn attempt_ref(&self) -> AttemptRef {
-        AttemptRef {
-            step_uuid: self.step_uuid,
-            attempt: self.attempt,
-        }
+        AttemptRef { step_uuid: self.step_uuid, attempt: self.attempt }
     }
 }
 
@@ -258,8 +250,7 @@ pub async fn extend_step_leases(
     attempts: &[AttemptRef],
     lease: Duration,
 ) -> Result<Vec<Uuid>> {
-    let (uuids, numbers): (Vec<Uuid>, Vec<i32>) =
-        attempts.iter().map(|a| (a.step_uuid, a.attempt)).unzip();
+    let (uuids, numbers): (Vec<Uuid>, Vec<i32>) = attempts.iter().map(|a| (a.step_uuid, a.attempt)).unzip();
     let extended = sqlx::query_scalar!(
         r#"SELECT step_uuid AS "step_uuid!" FROM tasker.extend_step_leases($1, $2, $3, $4)"#,
         worker_id,

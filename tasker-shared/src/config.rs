@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::deployment::DeploymentMode;
+pub use crate::event_system::StatisticsMode;
 use crate::identifier::Identifier;
 
 /// What went wrong loading configuration.
@@ -105,6 +106,10 @@ pub struct Settings {
     pub orchestrator: OrchestratorSettings,
     /// Worker settings.
     pub worker: WorkerSettings,
+    /// Sampled statistics settings.
+    pub statistics: StatisticsSettings,
+    /// Maintenance (partitions, archival, retention) settings.
+    pub maintenance: MaintenanceSettings,
 }
 
 /// Settings only the orchestrator reads (`[orchestrator]` in the file).
@@ -141,6 +146,46 @@ pub struct WorkerSettings {
     pub journal: Option<PathBuf>,
 }
 
+/// Statistics settings (`[statistics]` in the file); see `docs/statistics.md`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatisticsSettings {
+    /// `TASKER_STATISTICS_MODE`: `sampled`, `off`, or `synchronous` (the
+    /// per-event inline writes of the system before sampling; for measurement).
+    pub mode: StatisticsMode,
+    /// `TASKER_SAMPLE_RATE_URGENT`: fraction of urgent events kept (0.01 to 1.0).
+    pub sample_rate_urgent: f64,
+    /// `TASKER_SAMPLE_RATE_HIGH`.
+    pub sample_rate_high: f64,
+    /// `TASKER_SAMPLE_RATE_NORMAL`.
+    pub sample_rate_normal: f64,
+    /// `TASKER_SAMPLE_RATE_LOW`.
+    pub sample_rate_low: f64,
+    /// `TASKER_STATISTICS_BUFFER`: samples the ring buffer holds; when full, new
+    /// samples are dropped and counted.
+    pub buffer_capacity: usize,
+    /// `TASKER_STATISTICS_FLUSH_BATCH`: the writer flushes when this many wait.
+    pub flush_batch: usize,
+    /// `TASKER_STATISTICS_FLUSH_MS`: ... or when this long has passed.
+    pub flush_interval_ms: u64,
+    /// `TASKER_STATISTICS_RETENTION_DAYS`: samples older than this move to the archive.
+    pub retention_days: u32,
+}
+
+/// Maintenance settings (`[maintenance]` in the file).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaintenanceSettings {
+    /// `TASKER_MAINTENANCE_INTERVAL_MS`: how often maintenance runs (one
+    /// instance at a time, whichever service gets the lock).
+    pub interval_ms: u64,
+    /// `TASKER_TASK_RETENTION_DAYS`: finished tasks older than this are deleted
+    /// with their steps and history; 0 keeps them forever.
+    pub task_retention_days: u32,
+    /// `TASKER_RETENTION_BATCH`: tasks deleted per transaction.
+    pub retention_batch: u32,
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -165,7 +210,31 @@ impl Default for Settings {
             listener_ping_ms: 30_000,
             orchestrator: OrchestratorSettings::default(),
             worker: WorkerSettings::default(),
+            statistics: StatisticsSettings::default(),
+            maintenance: MaintenanceSettings::default(),
         }
+    }
+}
+
+impl Default for StatisticsSettings {
+    fn default() -> Self {
+        StatisticsSettings {
+            mode: StatisticsMode::Sampled,
+            sample_rate_urgent: 1.0,
+            sample_rate_high: 0.5,
+            sample_rate_normal: 0.1,
+            sample_rate_low: 0.01,
+            buffer_capacity: 16_384,
+            flush_batch: 1_000,
+            flush_interval_ms: 1_000,
+            retention_days: 30,
+        }
+    }
+}
+
+impl Default for MaintenanceSettings {
+    fn default() -> Self {
+        MaintenanceSettings { interval_ms: 3_600_000, task_retention_days: 30, retention_batch: 1_000 }
     }
 }
 
@@ -184,12 +253,7 @@ impl Default for OrchestratorSettings {
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        WorkerSettings {
-            namespace: None,
-            concurrency: 16,
-            lease_ms: 30_000,
-            journal: None,
-        }
+        WorkerSettings { namespace: None, concurrency: 16, lease_ms: 30_000, journal: None }
     }
 }
 
@@ -203,6 +267,11 @@ enum Kind {
     Namespace,
     Address,
     Format,
+    /// A whole number, zero allowed.
+    Whole,
+    /// A sampling rate, 0.01 to 1.0.
+    Rate,
+    StatisticsMode,
 }
 
 /// One environment variable: its name, the file key it overrides, its kind.
@@ -219,8 +288,8 @@ const fn env(var: &'static str, key: &'static str, kind: Kind) -> EnvVar {
     EnvVar { var, key, kind }
 }
 
-/// Every environment variable Tasker's services read (besides `TASKER_CONFIG`,
-/// `RUST_LOG` and the statistics settings), in one place.
+/// Every environment variable Tasker's services read (besides `TASKER_CONFIG`
+/// and `RUST_LOG`), in one place.
 pub const ENVIRONMENT: &[EnvVar] = &[
     env("DATABASE_URL", "database_url", Kind::Text),
     env("DEPLOYMENT_MODE", "deployment_mode", Kind::Mode),
@@ -228,48 +297,35 @@ pub const ENVIRONMENT: &[EnvVar] = &[
     env("POLL_INTERVAL_MS", "poll_interval_ms", Kind::Millis),
     env("TASKER_HTTP_ADDR", "http_addr", Kind::Address),
     env("LOG_FORMAT", "log_format", Kind::Format),
-    env(
-        "TASKER_DB_MAX_CONNECTIONS",
-        "db_max_connections",
-        Kind::Count,
-    ),
-    env(
-        "TASKER_SHUTDOWN_TIMEOUT_MS",
-        "shutdown_timeout_ms",
-        Kind::Millis,
-    ),
+    env("TASKER_DB_MAX_CONNECTIONS", "db_max_connections", Kind::Count),
+    env("TASKER_SHUTDOWN_TIMEOUT_MS", "shutdown_timeout_ms", Kind::Millis),
     env("TASKER_LISTENER_PING_MS", "listener_ping_ms", Kind::Millis),
-    env(
-        "TASKER_CLAIM_BATCH",
-        "orchestrator.claim_batch",
-        Kind::Count,
-    ),
-    env(
-        "TASKER_CLAIM_TIMEOUT_MS",
-        "orchestrator.claim_timeout_ms",
-        Kind::Millis,
-    ),
-    env(
-        "TASKER_TEMPLATES_DIR",
-        "orchestrator.templates_dir",
-        Kind::Text,
-    ),
+    env("TASKER_CLAIM_BATCH", "orchestrator.claim_batch", Kind::Count),
+    env("TASKER_CLAIM_TIMEOUT_MS", "orchestrator.claim_timeout_ms", Kind::Millis),
+    env("TASKER_TEMPLATES_DIR", "orchestrator.templates_dir", Kind::Text),
     env("TASKER_API_TOKEN", "orchestrator.api_token", Kind::Text),
-    env(
-        "TASKER_RESCUE_INTERVAL_MS",
-        "orchestrator.rescue_interval_ms",
-        Kind::Millis,
-    ),
-    env(
-        "TASKER_MAX_BODY_BYTES",
-        "orchestrator.max_body_bytes",
-        Kind::Count,
-    ),
+    env("TASKER_RESCUE_INTERVAL_MS", "orchestrator.rescue_interval_ms", Kind::Millis),
+    env("TASKER_MAX_BODY_BYTES", "orchestrator.max_body_bytes", Kind::Count),
     env("NAMESPACE", "worker.namespace", Kind::Namespace),
     env("WORKER_CONCURRENCY", "worker.concurrency", Kind::Count),
     env("TASKER_STEP_LEASE_MS", "worker.lease_ms", Kind::Millis),
     env("TASKER_WORKER_JOURNAL", "worker.journal", Kind::Text),
+    env("TASKER_STATISTICS_MODE", "statistics.mode", Kind::StatisticsMode),
+    env("TASKER_SAMPLE_RATE_URGENT", "statistics.sample_rate_urgent", Kind::Rate),
+    env("TASKER_SAMPLE_RATE_HIGH", "statistics.sample_rate_high", Kind::Rate),
+    env("TASKER_SAMPLE_RATE_NORMAL", "statistics.sample_rate_normal", Kind::Rate),
+    env("TASKER_SAMPLE_RATE_LOW", "statistics.sample_rate_low", Kind::Rate),
+    env("TASKER_STATISTICS_BUFFER", "statistics.buffer_capacity", Kind::Count),
+    env("TASKER_STATISTICS_FLUSH_BATCH", "statistics.flush_batch", Kind::Count),
+    env("TASKER_STATISTICS_FLUSH_MS", "statistics.flush_interval_ms", Kind::Millis),
+    env("TASKER_STATISTICS_RETENTION_DAYS", "statistics.retention_days", Kind::Count),
+    env("TASKER_MAINTENANCE_INTERVAL_MS", "maintenance.interval_ms", Kind::Millis),
+    env("TASKER_TASK_RETENTION_DAYS", "maintenance.task_retention_days", Kind::Whole),
+    env("TASKER_RETENTION_BATCH", "maintenance.retention_batch", Kind::Count),
 ];
+
+/// The lowest sampling rate accepted (the plan's range is 0.01 to 1.0).
+pub const MIN_RATE: f64 = 0.01;
 
 /// The variable naming the optional TOML file.
 pub const CONFIG_FILE_VAR: &str = "TASKER_CONFIG";
@@ -277,11 +333,7 @@ pub const CONFIG_FILE_VAR: &str = "TASKER_CONFIG";
 impl EnvVar {
     /// Checks a value and converts it for the `config` crate.
     fn parse(&self, value: &str) -> Result<config::Value, ConfigError> {
-        let invalid = |expected: String| ConfigError::InvalidEnv {
-            var: self.var,
-            value: value.to_owned(),
-            expected,
-        };
+        let invalid = |expected: String| ConfigError::InvalidEnv { var: self.var, value: value.to_owned(), expected };
         let trimmed = value.trim();
         Ok(match self.kind {
             Kind::Text => {
@@ -291,23 +343,14 @@ impl EnvVar {
                 trimmed.into()
             }
             Kind::Millis | Kind::Count => {
-                let n: u64 = trimmed
-                    .parse()
-                    .map_err(|_| invalid("expected a positive whole number".into()))?;
+                let n: u64 = trimmed.parse().map_err(|_| invalid("expected a positive whole number".into()))?;
                 if n == 0 {
                     return Err(invalid("expected a positive whole number".into()));
                 }
                 n.into()
             }
-            Kind::Mode => trimmed
-                .parse::<DeploymentMode>()
-                .map_err(|e| invalid(e.to_string()))?
-                .as_str()
-                .into(),
-            Kind::Namespace => Identifier::new(trimmed)
-                .map_err(|e| invalid(e.to_string()))?
-                .to_string()
-                .into(),
+            Kind::Mode => trimmed.parse::<DeploymentMode>().map_err(|e| invalid(e.to_string()))?.as_str().into(),
+            Kind::Namespace => Identifier::new(trimmed).map_err(|e| invalid(e.to_string()))?.to_string().into(),
             Kind::Address => trimmed
                 .parse::<SocketAddr>()
                 .map_err(|_| invalid("expected an address like 0.0.0.0:8080".into()))?
@@ -316,6 +359,21 @@ impl EnvVar {
             Kind::Format => match trimmed.to_ascii_lowercase().as_str() {
                 "text" | "json" => trimmed.to_ascii_lowercase().into(),
                 _ => return Err(invalid("expected text or json".into())),
+            },
+            Kind::Whole => {
+                trimmed.parse::<u64>().map_err(|_| invalid("expected a whole number (0 or more)".into()))?.into()
+            }
+            Kind::Rate => {
+                let rate: f64 =
+                    trimmed.parse().map_err(|_| invalid("expected a sampling rate between 0.01 and 1.0".into()))?;
+                if !(MIN_RATE..=1.0).contains(&rate) {
+                    return Err(invalid("expected a sampling rate between 0.01 and 1.0".into()));
+                }
+                rate.into()
+            }
+            Kind::StatisticsMode => match trimmed.to_ascii_lowercase().as_str() {
+                mode @ ("sampled" | "off" | "synchronous") => mode.into(),
+                _ => return Err(invalid("expected sampled, off or synchronous".into())),
             },
         })
     }
@@ -332,23 +390,17 @@ impl Settings {
         let mut builder = config::Config::builder();
         let file = lookup(CONFIG_FILE_VAR).map(PathBuf::from);
         if let Some(path) = &file {
-            builder = builder.add_source(
-                config::File::from(path.as_path())
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
+            builder =
+                builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml).required(true));
         }
         for var in ENVIRONMENT {
             if let Some(value) = lookup(var.var) {
-                builder = builder
-                    .set_override(var.key, var.parse(&value)?)
-                    .map_err(|source| file_error(&file, source))?;
+                builder =
+                    builder.set_override(var.key, var.parse(&value)?).map_err(|source| file_error(&file, source))?;
             }
         }
-        let settings: Settings = builder
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|source| file_error(&file, source))?;
+        let settings: Settings =
+            builder.build().and_then(config::Config::try_deserialize).map_err(|source| file_error(&file, source))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -366,34 +418,10 @@ impl Settings {
                 Ok(())
             }
         };
-        at_least(
-            "POLL_INTERVAL_MS",
-            "poll_interval_ms",
-            self.poll_interval_ms,
-            10,
-            " ms",
-        )?;
-        at_least(
-            "TASKER_DB_MAX_CONNECTIONS",
-            "db_max_connections",
-            self.db_max_connections.into(),
-            2,
-            "",
-        )?;
-        at_least(
-            "TASKER_LISTENER_PING_MS",
-            "listener_ping_ms",
-            self.listener_ping_ms,
-            100,
-            " ms",
-        )?;
-        at_least(
-            "TASKER_CLAIM_BATCH",
-            "orchestrator.claim_batch",
-            self.orchestrator.claim_batch.into(),
-            1,
-            "",
-        )?;
+        at_least("POLL_INTERVAL_MS", "poll_interval_ms", self.poll_interval_ms, 10, " ms")?;
+        at_least("TASKER_DB_MAX_CONNECTIONS", "db_max_connections", self.db_max_connections.into(), 2, "")?;
+        at_least("TASKER_LISTENER_PING_MS", "listener_ping_ms", self.listener_ping_ms, 100, " ms")?;
+        at_least("TASKER_CLAIM_BATCH", "orchestrator.claim_batch", self.orchestrator.claim_batch.into(), 1, "")?;
         at_least(
             "TASKER_CLAIM_TIMEOUT_MS",
             "orchestrator.claim_timeout_ms",
@@ -408,30 +436,65 @@ impl Settings {
             100,
             " ms",
         )?;
-        at_least(
-            "WORKER_CONCURRENCY",
-            "worker.concurrency",
-            self.worker.concurrency.into(),
-            1,
-            "",
-        )?;
-        at_least(
-            "TASKER_STEP_LEASE_MS",
-            "worker.lease_ms",
-            self.worker.lease_ms,
-            1_000,
-            " ms",
-        )?;
+        at_least("WORKER_CONCURRENCY", "worker.concurrency", self.worker.concurrency.into(), 1, "")?;
+        at_least("TASKER_STEP_LEASE_MS", "worker.lease_ms", self.worker.lease_ms, 1_000, " ms")?;
         if self.orchestrator.claim_batch > 1_000 {
             return Err(ConfigError::OutOfRange {
                 var: "TASKER_CLAIM_BATCH",
                 key: "orchestrator.claim_batch",
-                problem: format!(
-                    "must be at most 1000, found {}",
-                    self.orchestrator.claim_batch
-                ),
+                problem: format!("must be at most 1000, found {}", self.orchestrator.claim_batch),
             });
         }
+        for (var, key, rate) in [
+            ("TASKER_SAMPLE_RATE_URGENT", "statistics.sample_rate_urgent", self.statistics.sample_rate_urgent),
+            ("TASKER_SAMPLE_RATE_HIGH", "statistics.sample_rate_high", self.statistics.sample_rate_high),
+            ("TASKER_SAMPLE_RATE_NORMAL", "statistics.sample_rate_normal", self.statistics.sample_rate_normal),
+            ("TASKER_SAMPLE_RATE_LOW", "statistics.sample_rate_low", self.statistics.sample_rate_low),
+        ] {
+            if !(MIN_RATE..=1.0).contains(&rate) {
+                return Err(ConfigError::OutOfRange {
+                    var,
+                    key,
+                    problem: format!("a sampling rate must be between 0.01 and 1.0, found {rate}"),
+                });
+            }
+        }
+        at_least(
+            "TASKER_STATISTICS_BUFFER",
+            "statistics.buffer_capacity",
+            self.statistics.buffer_capacity as u64,
+            16,
+            "",
+        )?;
+        at_least("TASKER_STATISTICS_FLUSH_BATCH", "statistics.flush_batch", self.statistics.flush_batch as u64, 1, "")?;
+        at_least(
+            "TASKER_STATISTICS_FLUSH_MS",
+            "statistics.flush_interval_ms",
+            self.statistics.flush_interval_ms,
+            10,
+            " ms",
+        )?;
+        at_least(
+            "TASKER_STATISTICS_RETENTION_DAYS",
+            "statistics.retention_days",
+            self.statistics.retention_days.into(),
+            1,
+            " days",
+        )?;
+        at_least(
+            "TASKER_MAINTENANCE_INTERVAL_MS",
+            "maintenance.interval_ms",
+            self.maintenance.interval_ms,
+            1_000,
+            " ms",
+        )?;
+        at_least(
+            "TASKER_RETENTION_BATCH",
+            "maintenance.retention_batch",
+            self.maintenance.retention_batch.into(),
+            1,
+            "",
+        )?;
         if self.database_url.is_none() {
             return Err(ConfigError::Missing {
                 var: "DATABASE_URL",
@@ -467,9 +530,7 @@ impl Settings {
 
     /// The instance id: `INSTANCE_ID`, or one unique to this process start.
     pub fn instance_id(&self, service: Service) -> String {
-        self.instance_id
-            .clone()
-            .unwrap_or_else(|| default_instance_id(service))
+        self.instance_id.clone().unwrap_or_else(|| default_instance_id(service))
     }
 }
 
@@ -482,16 +543,9 @@ pub fn default_instance_id(service: Service) -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned());
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    format!(
-        "{}-{host}-{}-{}",
-        service.name(),
-        std::process::id(),
-        base36(started)
-    )
+    let started =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or_default();
+    format!("{}-{host}-{}-{}", service.name(), std::process::id(), base36(started))
 }
 
 fn base36(mut n: u128) -> String {
@@ -509,12 +563,7 @@ fn base36(mut n: u128) -> String {
 }
 
 fn file_error(file: &Option<PathBuf>, source: config::ConfigError) -> ConfigError {
-    ConfigError::File {
-        path: file
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("(environment)")),
-        source,
-    }
+    ConfigError::File { path: file.clone().unwrap_or_else(|| PathBuf::from("(environment)")), source }
 }
 
 impl OrchestratorSettings {
@@ -544,10 +593,7 @@ mod tests {
     use super::*;
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         Settings::load_from(|k| map.get(k).cloned())
     }
 
@@ -564,10 +610,7 @@ mod tests {
         assert_eq!(s.deployment_mode, DeploymentMode::PollingOnly);
         assert_eq!(s.instance_id(Service::Worker), "orch-poll-1");
         assert_eq!(s.poll_interval(), Duration::from_secs(5));
-        assert_eq!(
-            s.worker.namespace.as_ref().map(Identifier::as_str),
-            Some("fulfillment")
-        );
+        assert_eq!(s.worker.namespace.as_ref().map(Identifier::as_str), Some("fulfillment"));
     }
 
     #[test]
@@ -581,17 +624,16 @@ mod tests {
             ("WORKER_CONCURRENCY", "-1"),
             ("TASKER_HTTP_ADDR", "localhost"),
             ("LOG_FORMAT", "xml"),
+            ("TASKER_SAMPLE_RATE_LOW", "0.001"),
+            ("TASKER_SAMPLE_RATE_HIGH", "1.5"),
+            ("TASKER_SAMPLE_RATE_NORMAL", "often"),
+            ("TASKER_STATISTICS_MODE", "sometimes"),
         ] {
             let err = load(&[base, (var, value)]).expect_err(var).to_string();
             assert!(err.contains(var), "{err} should name {var}");
         }
-        let err = load(&[base, ("POLL_INTERVAL_MS", "5")])
-            .expect_err("too small")
-            .to_string();
-        assert!(
-            err.contains("POLL_INTERVAL_MS") && err.contains("at least 10"),
-            "{err}"
-        );
+        let err = load(&[base, ("POLL_INTERVAL_MS", "5")]).expect_err("too small").to_string();
+        assert!(err.contains("POLL_INTERVAL_MS") && err.contains("at least 10"), "{err}");
         let err = load(&[]).expect_err("no url").to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
     }
@@ -616,13 +658,31 @@ mod tests {
         let mut bad = tempfile_path("bad.toml");
         writeln!(bad.1, "database_url = \"x\"\npoll_intervall_ms = 5").unwrap();
         let path = bad.0.to_string_lossy().into_owned();
-        let err = load(&[(CONFIG_FILE_VAR, &path)])
-            .expect_err("typo")
-            .to_string();
-        assert!(
-            err.contains("bad.toml") && err.contains("poll_intervall_ms"),
-            "{err}"
+        let err = load(&[(CONFIG_FILE_VAR, &path)]).expect_err("typo").to_string();
+        assert!(err.contains("bad.toml") && err.contains("poll_intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn sampling_rates_default_to_the_plan_and_are_validated_from_file_and_environment() {
+        let base = ("DATABASE_URL", "postgres://db/tasker");
+        let s = load(&[base]).expect("defaults");
+        let st = &s.statistics;
+        assert_eq!(
+            (st.sample_rate_urgent, st.sample_rate_high, st.sample_rate_normal, st.sample_rate_low),
+            (1.0, 0.5, 0.1, 0.01)
         );
+        assert_eq!(st.mode, StatisticsMode::Sampled);
+
+        let s = load(&[base, ("TASKER_SAMPLE_RATE_NORMAL", "0.25"), ("TASKER_STATISTICS_MODE", "synchronous")])
+            .expect("valid");
+        assert_eq!(s.statistics.sample_rate_normal, 0.25);
+        assert_eq!(s.statistics.mode, StatisticsMode::Synchronous);
+
+        let mut file = tempfile_path("rates.toml");
+        writeln!(file.1, "database_url = \"x\"\n[statistics]\nsample_rate_low = 0.005").unwrap();
+        let path = file.0.to_string_lossy().into_owned();
+        let err = load(&[(CONFIG_FILE_VAR, &path)]).expect_err("too low").to_string();
+        assert!(err.contains("statistics.sample_rate_low") && err.contains("0.01"), "{err}");
     }
 
     #[test]

@@ -37,10 +37,7 @@ impl Default for PoolSettings {
 
 /// Parses a `postgres://` URL into connect options named for this process.
 /// `sslmode=require` and friends work: sqlx is built with rustls.
-pub fn connect_options(
-    database_url: &str,
-    application_name: &str,
-) -> Result<PgConnectOptions, sqlx::Error> {
+pub fn connect_options(database_url: &str, application_name: &str) -> Result<PgConnectOptions, sqlx::Error> {
     // The server truncates application_name to 63 bytes; keep the tail, which
     // names the instance, and cut on a character boundary.
     let mut start = application_name.len().saturating_sub(63);

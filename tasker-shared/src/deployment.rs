@@ -24,11 +24,8 @@ pub struct UnknownMode(pub String);
 
 impl DeploymentMode {
     /// Every mode.
-    pub const ALL: [DeploymentMode; 3] = [
-        DeploymentMode::EventDrivenOnly,
-        DeploymentMode::PollingOnly,
-        DeploymentMode::Hybrid,
-    ];
+    pub const ALL: [DeploymentMode; 3] =
+        [DeploymentMode::EventDrivenOnly, DeploymentMode::PollingOnly, DeploymentMode::Hybrid];
 
     /// The mode's name, as written in `DEPLOYMENT_MODE`.
     pub const fn as_str(self) -> &'static str {
@@ -41,10 +38,7 @@ impl DeploymentMode {
 
     /// Whether this mode holds a LISTEN connection.
     pub const fn listens(self) -> bool {
-        matches!(
-            self,
-            DeploymentMode::EventDrivenOnly | DeploymentMode::Hybrid
-        )
+        matches!(self, DeploymentMode::EventDrivenOnly | DeploymentMode::Hybrid)
     }
 
     /// Whether this mode claims on a timer.
@@ -65,11 +59,7 @@ impl FromStr for DeploymentMode {
     /// Accepts the names as written (`EventDrivenOnly`), in any case, with or
     /// without `_`/`-` separators (`event_driven_only`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let folded: String = s
-            .chars()
-            .filter(|c| !matches!(c, '_' | '-'))
-            .collect::<String>()
-            .to_ascii_lowercase();
+        let folded: String = s.chars().filter(|c| !matches!(c, '_' | '-')).collect::<String>().to_ascii_lowercase();
         DeploymentMode::ALL
             .into_iter()
             .find(|mode| mode.as_str().to_ascii_lowercase() == folded)
@@ -83,10 +73,7 @@ mod tests {
 
     #[test]
     fn parses_the_plans_spelling_and_friendly_variants() {
-        assert_eq!(
-            "EventDrivenOnly".parse(),
-            Ok(DeploymentMode::EventDrivenOnly)
-        );
+        assert_eq!("EventDrivenOnly".parse(), Ok(DeploymentMode::EventDrivenOnly));
         assert_eq!("polling_only".parse(), Ok(DeploymentMode::PollingOnly));
         assert_eq!("HYBRID".parse(), Ok(DeploymentMode::Hybrid));
         assert!("EventDriven".parse::<DeploymentMode>().is_err());

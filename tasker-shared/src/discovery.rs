@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::claim::DiscoveredVia;
 use crate::deployment::DeploymentMode;
+use crate::event_system::{Event, SampledStatisticsCollector};
 use crate::identifier::Identifier;
 use crate::metrics;
 
@@ -68,6 +69,8 @@ pub struct DiscoveryConfig {
     /// `application_name` of the LISTEN connection (`<instance>:listener`), so
     /// operators and tests can find it in `pg_stat_activity`.
     pub listener_name: String,
+    /// Where notifications and reconnects are recorded.
+    pub statistics: SampledStatisticsCollector,
 }
 
 const EVENT: u8 = 1;
@@ -244,6 +247,7 @@ async fn run_timer(discovery: Discovery) {
 async fn listen(config: DiscoveryConfig, discovery: Discovery) {
     let mut backoff = Backoff::new();
     let mut connected_before = false;
+    let mut disconnected_at = std::time::Instant::now();
     loop {
         if discovery.shutdown.is_cancelled() {
             return;
@@ -269,9 +273,8 @@ async fn listen(config: DiscoveryConfig, discovery: Discovery) {
         discovery.set_connected(true);
         if connected_before {
             metrics::listener_reconnected();
-            tracing::warn!(
-                "LISTEN connection re-established; sweeping for work announced while it was down"
-            );
+            config.statistics.record(Event::ListenerReconnected, disconnected_at.elapsed()).await;
+            tracing::warn!("LISTEN connection re-established; sweeping for work announced while it was down");
         } else {
             tracing::info!(channels = ?config.channels, "listening for notifications");
         }
@@ -279,14 +282,9 @@ async fn listen(config: DiscoveryConfig, discovery: Discovery) {
         // Claim whatever became due before (or while) we started listening.
         discovery.signals.raise(SWEEP);
 
-        let reason = receive(
-            &config,
-            &discovery,
-            &mut listener,
-            namespace_channel.as_deref(),
-        )
-        .await;
+        let reason = receive(&config, &discovery, &mut listener, namespace_channel.as_deref()).await;
         discovery.set_connected(false);
+        disconnected_at = std::time::Instant::now();
         match reason {
             Ended::Shutdown => return,
             Ended::Lost(why) => {
@@ -317,6 +315,7 @@ async fn receive(
         match next {
             Ok(Ok(Some(notification))) => {
                 metrics::notification_received(kind);
+                config.statistics.record(Event::NotificationReceived, Duration::ZERO).await;
                 if Some(notification.channel()) == namespace_channel {
                     if let Err(err) = follow_namespace(listener, notification.payload()).await {
                         return Ended::Lost(format!("could not LISTEN to a new namespace: {err}"));
@@ -333,17 +332,15 @@ async fn receive(
             // re-subscribed; anything sent in between is lost. Sweep.
             Ok(Ok(None)) => {
                 metrics::listener_reconnected();
+                config.statistics.record(Event::ListenerReconnected, Duration::ZERO).await;
                 tracing::warn!("LISTEN connection dropped and was re-established; sweeping");
                 discovery.signals.raise(SWEEP);
             }
             Ok(Err(err)) => return Ended::Lost(err.to_string()),
             // Silent for a whole ping interval: make sure the connection lives.
             Err(_elapsed) => {
-                let ping = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    sqlx::query("SELECT 1").execute(&mut *listener),
-                )
-                .await;
+                let ping =
+                    tokio::time::timeout(Duration::from_secs(5), sqlx::query("SELECT 1").execute(&mut *listener)).await;
                 match ping {
                     Ok(Ok(_)) => {}
                     Ok(Err(err)) => return Ended::Lost(format!("ping failed: {err}")),
@@ -368,15 +365,11 @@ fn listener_pool(config: &DiscoveryConfig) -> Result<PgPool, sqlx::Error> {
 /// LISTENs to the channels; returns the namespace channel when following all
 /// namespaces. Channel names come from the schema's functions, their one home.
 /// Queries run on the listener's own connection (its pool has only that one).
-async fn subscribe(
-    listener: &mut PgListener,
-    channels: &Channels,
-) -> Result<Option<String>, sqlx::Error> {
+async fn subscribe(listener: &mut PgListener, channels: &Channels) -> Result<Option<String>, sqlx::Error> {
     match channels {
         Channels::Tasks => {
-            let channel = sqlx::query_scalar!(r#"SELECT tasker.task_channel() AS "channel!""#)
-                .fetch_one(&mut *listener)
-                .await?;
+            let channel =
+                sqlx::query_scalar!(r#"SELECT tasker.task_channel() AS "channel!""#).fetch_one(&mut *listener).await?;
             listener.listen(&channel).await?;
             Ok(None)
         }
@@ -386,19 +379,15 @@ async fn subscribe(
             Ok(None)
         }
         Channels::AllSteps => {
-            let namespace_channel =
-                sqlx::query_scalar!(r#"SELECT tasker.namespace_channel() AS "channel!""#)
-                    .fetch_one(&mut *listener)
-                    .await?;
-            listener.listen(&namespace_channel).await?;
-            let channels = sqlx::query_scalar!(
-                r#"SELECT tasker.step_channel(name) AS "channel!" FROM tasker.namespaces"#
-            )
-            .fetch_all(&mut *listener)
-            .await?;
-            listener
-                .listen_all(channels.iter().map(String::as_str))
+            let namespace_channel = sqlx::query_scalar!(r#"SELECT tasker.namespace_channel() AS "channel!""#)
+                .fetch_one(&mut *listener)
                 .await?;
+            listener.listen(&namespace_channel).await?;
+            let channels =
+                sqlx::query_scalar!(r#"SELECT tasker.step_channel(name) AS "channel!" FROM tasker.namespaces"#)
+                    .fetch_all(&mut *listener)
+                    .await?;
+            listener.listen_all(channels.iter().map(String::as_str)).await?;
             Ok(Some(namespace_channel))
         }
     }
@@ -412,9 +401,7 @@ async fn follow_namespace(listener: &mut PgListener, namespace: &str) -> Result<
 }
 
 async fn step_channel(listener: &mut PgListener, namespace: &str) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar!(r#"SELECT tasker.step_channel($1) AS "channel!""#, namespace)
-        .fetch_one(&mut *listener)
-        .await
+    sqlx::query_scalar!(r#"SELECT tasker.step_channel($1) AS "channel!""#, namespace).fetch_one(&mut *listener).await
 }
 
 /// Parses a `due:<unix ms>` hint into an instant on the monotonic clock.
@@ -510,14 +497,9 @@ mod tests {
             shutdown: shutdown.clone(),
         };
         tokio::spawn(run_timer(discovery.clone()));
-        discovery
-            .schedule(Instant::now() + Duration::from_millis(20))
-            .await;
+        discovery.schedule(Instant::now() + Duration::from_millis(20)).await;
         let woke = tokio::time::timeout(Duration::from_secs(5), discovery.next()).await;
-        assert_eq!(
-            woke.expect("woken before the deadline"),
-            Some(DiscoveredVia::Timer)
-        );
+        assert_eq!(woke.expect("woken before the deadline"), Some(DiscoveredVia::Timer));
         shutdown.cancel();
         assert_eq!(discovery.next().await, None);
     }

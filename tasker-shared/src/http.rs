@@ -16,6 +16,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
 use crate::discovery::Discovery;
+use crate::event_system::SampledStatisticsCollector;
 
 /// What the health endpoints look at.
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct HealthState {
     pub discovery: Discovery,
     /// The metrics recorder's handle.
     pub metrics: PrometheusHandle,
+    /// The statistics collector, whose counters are published at render time.
+    pub statistics: SampledStatisticsCollector,
 }
 
 /// The `/health/*` and `/metrics` routes.
@@ -42,11 +45,7 @@ async fn live() -> Json<serde_json::Value> {
 }
 
 async fn ready(State(state): State<HealthState>) -> Response {
-    let database = tokio::time::timeout(
-        Duration::from_secs(1),
-        sqlx::query("SELECT 1").execute(&state.pool),
-    )
-    .await;
+    let database = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&state.pool)).await;
     let database_ok = matches!(database, Ok(Ok(_)));
     let listens = state.discovery.mode().listens();
     let listener_ok = !listens || state.discovery.listener_connected();
@@ -56,22 +55,13 @@ async fn ready(State(state): State<HealthState>) -> Response {
         "listener": if !listens { "not used" } else if listener_ok { "connected" } else { "disconnected" },
         "mode": state.discovery.mode().as_str(),
     });
-    let status = if database_ok && listener_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if database_ok && listener_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
 async fn render_metrics(State(state): State<HealthState>) -> Response {
     crate::metrics::pool_connections(&state.pool);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    crate::metrics::export_cumulative_times();
+    state.statistics.export_metrics();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }

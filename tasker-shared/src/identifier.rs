@@ -34,9 +34,7 @@ impl Identifier {
         if is_identifier(&value) {
             Ok(Identifier(value))
         } else {
-            Err(InvalidIdentifier {
-                found: value.chars().take(80).collect(),
-            })
+            Err(InvalidIdentifier { found: value.chars().take(80).collect() })
         }
     }
 
@@ -101,18 +99,9 @@ mod tests {
 
     #[test]
     fn rejects_anything_that_could_escape_a_channel_name() {
-        for bad in [
-            "",
-            "9lives",
-            "_x",
-            "Upper",
-            "has space",
-            "semi;colon",
-            "quote\"",
-            "dash-ed",
-            "ünïcode",
-            &"x".repeat(49),
-        ] {
+        for bad in
+            ["", "9lives", "_x", "Upper", "has space", "semi;colon", "quote\"", "dash-ed", "ünïcode", &"x".repeat(49)]
+        {
             let err = Identifier::new(bad).expect_err(bad);
             assert!(err.to_string().contains("not a valid identifier"));
         }

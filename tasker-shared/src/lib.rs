@@ -18,8 +18,10 @@
 //! | discovering work: LISTEN, poll, sweep, timer | [`discovery`] |
 //! | metric names and recording | [`metrics`] |
 //! | health and metrics endpoints | [`http`] |
+//! | sampled statistics and the event taxonomy | [`event_system`] |
 //! | logging, signals, HTTP serving for binaries | [`service`] |
 //! | invariants over the whole database | [`invariants`] |
+//! | partitions, archival, retention | [`maintenance`] |
 //!
 //! All SQL is in `migrations/` (schema and functions) or in `query!` calls in
 //! these modules; every function takes an executor, so callers choose whether it
@@ -31,10 +33,12 @@ pub mod db;
 pub mod deployment;
 pub mod discovery;
 pub mod error;
+pub mod event_system;
 pub mod finalize;
 pub mod http;
 pub mod identifier;
 pub mod invariants;
+pub mod maintenance;
 pub mod metrics;
 pub mod orchestration;
 pub mod retry;

@@ -8,9 +8,7 @@
 
 use std::time::Duration;
 
-use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
-};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::claim::DiscoveredVia;
@@ -59,18 +57,24 @@ pub mod names {
     pub const STEPS_ENQUEUED: &str = "tasker_steps_enqueued_total";
     /// Gauge: connections of this process's pool, by state (in_use, idle).
     pub const DB_POOL_CONNECTIONS: &str = "tasker_db_pool_connections";
+    /// Counter: statistics samples lost, by reason.
+    pub const STATISTICS_DROPPED: &str = "tasker_statistics_samples_dropped_total";
+    /// Counter: statistics samples written to the database.
+    pub const STATISTICS_WRITTEN: &str = "tasker_statistics_samples_written_total";
+    /// Gauge: cumulative seconds spent recording statistics on processing paths.
+    pub const STATISTICS_RECORDING: &str = "tasker_statistics_recording_seconds";
+    /// Gauge: cumulative seconds spent in processing operations (claims,
+    /// orchestration passes, outcome writes), statistics included.
+    pub const PROCESSING: &str = "tasker_processing_seconds";
 }
 
 /// Bucket bounds (seconds) for latencies from sub-millisecond to a minute.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Discovery lag spans event latency (ms) to poll intervals and outages (minutes).
-const LAG_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
+const LAG_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// Installs the process-wide Prometheus recorder and describes every metric.
 /// Call once, at start-up; returns the handle `/metrics` renders.
@@ -89,26 +93,11 @@ pub fn install(service: &str, mode: &str, instance: &str) -> Result<PrometheusHa
 
 fn describe() {
     use names::*;
-    describe_gauge!(
-        INFO,
-        "Always 1; labels name the service, its deployment mode and instance id."
-    );
-    describe_counter!(
-        NOTIFICATIONS_SENT,
-        "NOTIFY messages this process caused, by channel kind (tasks, steps)."
-    );
-    describe_counter!(
-        NOTIFICATIONS_RECEIVED,
-        "Notifications received by this process's LISTEN connection."
-    );
-    describe_counter!(
-        TASKS_MADE_READY,
-        "Times this process made a task due for orchestration, by source."
-    );
-    describe_counter!(
-        TASKS_DISCOVERED,
-        "Tasks claimed by this orchestrator, by how they were discovered."
-    );
+    describe_gauge!(INFO, "Always 1; labels name the service, its deployment mode and instance id.");
+    describe_counter!(NOTIFICATIONS_SENT, "NOTIFY messages this process caused, by channel kind (tasks, steps).");
+    describe_counter!(NOTIFICATIONS_RECEIVED, "Notifications received by this process's LISTEN connection.");
+    describe_counter!(TASKS_MADE_READY, "Times this process made a task due for orchestration, by source.");
+    describe_counter!(TASKS_DISCOVERED, "Tasks claimed by this orchestrator, by how they were discovered.");
     describe_histogram!(
         DISCOVERY_LAG,
         Unit::Seconds,
@@ -118,62 +107,24 @@ fn describe() {
         NOTIFY_MISSES,
         "Due tasks that no listener acted on: claimed by a poll or sweep later than the miss threshold."
     );
-    describe_gauge!(
-        LISTENER_CONNECTED,
-        "1 while this process's LISTEN connection is up, else 0."
-    );
-    describe_counter!(
-        LISTENER_RECONNECTS,
-        "Times this process's LISTEN connection was re-established."
-    );
-    describe_counter!(
-        TASKS_FINALIZED,
-        "Tasks this orchestrator finalized, by final state."
-    );
-    describe_counter!(
-        STEPS_STARTED,
-        "Step attempts started (handler invocations) by this worker, by handler."
-    );
-    describe_counter!(
-        STEPS_COMPLETED,
-        "Step attempts that succeeded and were recorded, by handler."
-    );
-    describe_counter!(
-        STEPS_FAILED,
-        "Step attempts that failed and were recorded, by handler and retryability."
-    );
-    describe_counter!(
-        STEPS_RETRIED,
-        "Step retries scheduled by this orchestrator."
-    );
-    describe_counter!(
-        STEP_RESULTS_REJECTED,
-        "Step outcomes rejected by the fence (stale attempt or cancelled step)."
-    );
-    describe_counter!(
-        STEP_LEASES_EXPIRED,
-        "Step attempts failed by this process's rescuer after their lease expired."
-    );
-    describe_histogram!(
-        STEP_DURATION,
-        Unit::Seconds,
-        "Handler run time, by handler."
-    );
-    describe_histogram!(
-        CLAIM_DURATION,
-        Unit::Seconds,
-        "Duration of one claim call, by kind (tasks, steps)."
-    );
+    describe_gauge!(LISTENER_CONNECTED, "1 while this process's LISTEN connection is up, else 0.");
+    describe_counter!(LISTENER_RECONNECTS, "Times this process's LISTEN connection was re-established.");
+    describe_counter!(TASKS_FINALIZED, "Tasks this orchestrator finalized, by final state.");
+    describe_counter!(STEPS_STARTED, "Step attempts started (handler invocations) by this worker, by handler.");
+    describe_counter!(STEPS_COMPLETED, "Step attempts that succeeded and were recorded, by handler.");
+    describe_counter!(STEPS_FAILED, "Step attempts that failed and were recorded, by handler and retryability.");
+    describe_counter!(STEPS_RETRIED, "Step retries scheduled by this orchestrator.");
+    describe_counter!(STEP_RESULTS_REJECTED, "Step outcomes rejected by the fence (stale attempt or cancelled step).");
+    describe_counter!(STEP_LEASES_EXPIRED, "Step attempts failed by this process's rescuer after their lease expired.");
+    describe_histogram!(STEP_DURATION, Unit::Seconds, "Handler run time, by handler.");
+    describe_histogram!(CLAIM_DURATION, Unit::Seconds, "Duration of one claim call, by kind (tasks, steps).");
     describe_histogram!(
         ORCHESTRATION_DURATION,
         Unit::Seconds,
         "Duration of one orchestration pass over a batch of claimed tasks."
     );
     describe_counter!(STEPS_ENQUEUED, "Steps enqueued by this orchestrator.");
-    describe_gauge!(
-        DB_POOL_CONNECTIONS,
-        "Connections in this process's database pool, by state (in_use, idle)."
-    );
+    describe_gauge!(DB_POOL_CONNECTIONS, "Connections in this process's database pool, by state (in_use, idle).");
 }
 
 /// The LISTEN connection went up or down.
@@ -249,4 +200,25 @@ pub fn step_started(handler: &str) {
 /// An attempt of `handler` ran for `elapsed`.
 pub fn step_duration(handler: &str, elapsed: Duration) {
     histogram!(names::STEP_DURATION, "handler" => handler.to_owned()).record(elapsed.as_secs_f64());
+}
+
+/// Nanoseconds spent in processing operations, process-wide.
+static PROCESSING_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Adds the duration of one processing operation (claim, orchestration pass,
+/// outcome write), statistics calls inside it included.
+pub fn add_processing_time(elapsed: Duration) {
+    let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+    PROCESSING_NANOS.fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Total time this process has spent in processing operations.
+pub fn processing_time() -> Duration {
+    Duration::from_nanos(PROCESSING_NANOS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Publishes the cumulative time gauges (called when `/metrics` renders).
+pub fn export_cumulative_times() {
+    gauge!(names::PROCESSING).set(processing_time().as_secs_f64());
+    gauge!(names::STATISTICS_RECORDING).set(crate::event_system::sampled_statistics::recording_time().as_secs_f64());
 }

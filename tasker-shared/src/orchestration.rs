@@ -21,8 +21,7 @@ pub async fn lock_claimed_tasks(
     orchestrator_id: &str,
     claims: &[TaskClaim],
 ) -> Result<Vec<(Uuid, TaskState)>> {
-    let (uuids, seqs): (Vec<Uuid>, Vec<i64>) =
-        claims.iter().map(|c| (c.task_uuid, c.claim_seq)).unzip();
+    let (uuids, seqs): (Vec<Uuid>, Vec<i64>) = claims.iter().map(|c| (c.task_uuid, c.claim_seq)).unzip();
     let rows = sqlx::query!(
         r#"SELECT t.task_uuid, t.state AS "state: TaskState"
            FROM tasker.tasks t
@@ -103,10 +102,7 @@ pub struct StepSummary {
 }
 
 /// Summarizes the steps of each task.
-pub async fn summarize_steps(
-    executor: impl PgExecutor<'_>,
-    task_uuids: &[Uuid],
-) -> Result<Vec<StepSummary>> {
+pub async fn summarize_steps(executor: impl PgExecutor<'_>, task_uuids: &[Uuid]) -> Result<Vec<StepSummary>> {
     let rows = sqlx::query!(
         r#"SELECT s.task_uuid, s.state AS "state: StepState", count(*) AS "n!",
                   min(s.next_retry_at) AS next_retry_at
@@ -121,10 +117,7 @@ pub async fn summarize_steps(
 
     let mut summaries: Vec<StepSummary> = Vec::new();
     for row in rows {
-        if summaries
-            .last()
-            .is_none_or(|s| s.task_uuid != row.task_uuid)
-        {
+        if summaries.last().is_none_or(|s| s.task_uuid != row.task_uuid) {
             summaries.push(StepSummary {
                 task_uuid: row.task_uuid,
                 counts: StepCounts::default(),
@@ -153,10 +146,7 @@ pub struct UnscheduledRetry {
 }
 
 /// Failed steps of these tasks whose retry has no time yet.
-pub async fn unscheduled_retries(
-    executor: impl PgExecutor<'_>,
-    task_uuids: &[Uuid],
-) -> Result<Vec<UnscheduledRetry>> {
+pub async fn unscheduled_retries(executor: impl PgExecutor<'_>, task_uuids: &[Uuid]) -> Result<Vec<UnscheduledRetry>> {
     let rows = sqlx::query_as!(
         UnscheduledRetry,
         r#"SELECT step_uuid, attempts, backoff_ms
@@ -171,18 +161,11 @@ pub async fn unscheduled_retries(
 }
 
 /// Sets retry times (`tasker.schedule_step_retries`); returns how many were set.
-pub async fn schedule_step_retries(
-    executor: impl PgExecutor<'_>,
-    retries: &[(Uuid, DateTime<Utc>)],
-) -> Result<i32> {
+pub async fn schedule_step_retries(executor: impl PgExecutor<'_>, retries: &[(Uuid, DateTime<Utc>)]) -> Result<i32> {
     let (uuids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = retries.iter().copied().unzip();
-    let scheduled = sqlx::query_scalar!(
-        r#"SELECT tasker.schedule_step_retries($1, $2) AS "n!""#,
-        &uuids,
-        &times,
-    )
-    .fetch_one(executor)
-    .await?;
+    let scheduled = sqlx::query_scalar!(r#"SELECT tasker.schedule_step_retries($1, $2) AS "n!""#, &uuids, &times,)
+        .fetch_one(executor)
+        .await?;
     Ok(scheduled)
 }
 
@@ -204,8 +187,7 @@ pub async fn enqueue_ready_steps(
     orchestrator_id: &str,
     claims: &[TaskClaim],
 ) -> Result<Vec<EnqueuedStep>> {
-    let (uuids, seqs): (Vec<Uuid>, Vec<i64>) =
-        claims.iter().map(|c| (c.task_uuid, c.claim_seq)).unzip();
+    let (uuids, seqs): (Vec<Uuid>, Vec<i64>) = claims.iter().map(|c| (c.task_uuid, c.claim_seq)).unzip();
     let rows = sqlx::query_as!(
         EnqueuedStep,
         r#"SELECT task_uuid AS "task_uuid!", step_uuid AS "step_uuid!", namespace AS "namespace!"
@@ -273,11 +255,7 @@ pub struct ExpiredStep {
 
 /// Fails up to `limit` running attempts whose lease expired
 /// (`tasker.expire_step_leases`), waking their tasks.
-pub async fn expire_step_leases(
-    executor: impl PgExecutor<'_>,
-    actor: &str,
-    limit: i32,
-) -> Result<Vec<ExpiredStep>> {
+pub async fn expire_step_leases(executor: impl PgExecutor<'_>, actor: &str, limit: i32) -> Result<Vec<ExpiredStep>> {
     let rows = sqlx::query_as!(
         ExpiredStep,
         r#"SELECT step_uuid AS "step_uuid!", task_uuid AS "task_uuid!", state AS "state!: StepState"

@@ -21,20 +21,13 @@ pub struct BackoffPolicy {
 impl BackoffPolicy {
     /// A policy from a step's `backoff_ms`.
     pub fn from_millis(backoff_ms: i32) -> Self {
-        BackoffPolicy {
-            base: Duration::from_millis(u64::try_from(backoff_ms).unwrap_or(0)),
-        }
+        BackoffPolicy { base: Duration::from_millis(u64::try_from(backoff_ms).unwrap_or(0)) }
     }
 
     /// The capped exponential delay after `failed_attempts` failures, before jitter.
     pub fn ceiling(&self, failed_attempts: i32) -> Duration {
-        let doublings = u32::try_from(failed_attempts.saturating_sub(1))
-            .unwrap_or(0)
-            .min(31);
-        self.base
-            .checked_mul(1u32 << doublings)
-            .unwrap_or(MAX_BACKOFF)
-            .min(MAX_BACKOFF)
+        let doublings = u32::try_from(failed_attempts.saturating_sub(1)).unwrap_or(0).min(31);
+        self.base.checked_mul(1u32 << doublings).unwrap_or(MAX_BACKOFF).min(MAX_BACKOFF)
     }
 
     /// The delay to wait after `failed_attempts` failures, with jitter from `rng`.

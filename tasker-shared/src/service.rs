@@ -18,16 +18,10 @@ pub const EXIT_BAD_CONFIG: i32 = 2;
 /// text or JSON lines, on stderr.
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
 }
 
@@ -35,10 +29,7 @@ pub fn init_tracing(format: LogFormat) {
 pub fn cancel_on_signal(shutdown: CancellationToken) {
     tokio::spawn(async move {
         let signal = wait_for_signal().await;
-        tracing::info!(
-            signal,
-            "shutting down: no new work is claimed; in-flight work finishes or is released"
-        );
+        tracing::info!(signal, "shutting down: no new work is claimed; in-flight work finishes or is released");
         shutdown.cancel();
         let again = wait_for_signal().await;
         tracing::warn!(signal = again, "second signal: exiting immediately");
@@ -50,10 +41,7 @@ async fn wait_for_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
@@ -85,18 +73,12 @@ pub async fn serve_http(
     router: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 /// Retries `attempt` with backoff until it succeeds or `shutdown` is cancelled
 /// (then `None`). Logs each failure with `what`.
-pub async fn retry_until<T, E, F, Fut>(
-    what: &str,
-    shutdown: &CancellationToken,
-    mut attempt: F,
-) -> Option<T>
+pub async fn retry_until<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,

@@ -74,11 +74,7 @@ pub async fn complete_steps(
 }
 
 /// Records failed attempts (`tasker.fail_steps`), in one statement.
-pub async fn fail_steps(
-    executor: impl PgExecutor<'_>,
-    worker_id: &str,
-    failures: &[Failure],
-) -> Result<Vec<Recorded>> {
+pub async fn fail_steps(executor: impl PgExecutor<'_>, worker_id: &str, failures: &[Failure]) -> Result<Vec<Recorded>> {
     let uuids: Vec<Uuid> = failures.iter().map(|f| f.attempt.step_uuid).collect();
     let attempts: Vec<i32> = failures.iter().map(|f| f.attempt.attempt).collect();
     let errors: Vec<String> = failures.iter().map(|f| f.error.clone()).collect();
@@ -94,12 +90,5 @@ pub async fn fail_steps(
     )
     .fetch_all(executor)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Recorded {
-            step_uuid: r.step_uuid,
-            accepted: r.accepted,
-            state: r.state,
-        })
-        .collect())
+    Ok(rows.into_iter().map(|r| Recorded { step_uuid: r.step_uuid, accepted: r.accepted, state: r.state }).collect())
 }

@@ -48,11 +48,7 @@ pub struct CreatedTask {
 /// once, and notifies the task channel. Either all requests are applied or none:
 /// call it inside a transaction. Requests whose idempotency key was used before
 /// (or earlier in the same batch) return the existing task.
-pub async fn create_tasks(
-    conn: &mut PgConnection,
-    actor: &str,
-    requests: &[NewTask],
-) -> Result<Vec<CreatedTask>> {
+pub async fn create_tasks(conn: &mut PgConnection, actor: &str, requests: &[NewTask]) -> Result<Vec<CreatedTask>> {
     if requests.len() > MAX_BATCH {
         return Err(Error::InvalidInput(format!(
             "a batch may create at most {MAX_BATCH} tasks, found {}",
@@ -122,9 +118,7 @@ pub async fn create_tasks(
     .await?;
 
     if !inserted.is_empty() {
-        sqlx::query!("SELECT pg_notify(tasker.task_channel(), '')")
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query!("SELECT pg_notify(tasker.task_channel(), '')").execute(&mut *conn).await?;
     }
 
     let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
@@ -134,19 +128,13 @@ pub async fn create_tasks(
         .zip(planned)
         .map(|(request, task_uuid)| {
             if inserted.contains(&task_uuid) {
-                return Ok(CreatedTask {
-                    task_uuid,
-                    state: TaskState::Pending,
-                    created: true,
-                });
+                return Ok(CreatedTask { task_uuid, state: TaskState::Pending, created: true });
             }
-            let key = (
-                request.namespace.to_string(),
-                request.idempotency_key.clone(),
-            );
-            existing.get(&key).cloned().ok_or_else(|| {
-                Error::Conflict("task with this idempotency key vanished during submission".into())
-            })
+            let key = (request.namespace.to_string(), request.idempotency_key.clone());
+            existing
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| Error::Conflict("task with this idempotency key vanished during submission".into()))
         })
         .collect()
 }
@@ -180,14 +168,7 @@ async fn existing_by_key(
     Ok(rows
         .into_iter()
         .map(|r| {
-            (
-                (r.namespace, r.idempotency_key),
-                CreatedTask {
-                    task_uuid: r.task_uuid,
-                    state: r.state,
-                    created: false,
-                },
-            )
+            ((r.namespace, r.idempotency_key), CreatedTask { task_uuid: r.task_uuid, state: r.state, created: false })
         })
         .collect())
 }
@@ -201,11 +182,7 @@ struct TemplateKey {
 
 impl TemplateKey {
     fn of(request: &NewTask) -> Self {
-        TemplateKey {
-            namespace: request.namespace.clone(),
-            name: request.name.clone(),
-            version: request.version,
-        }
+        TemplateKey { namespace: request.namespace.clone(), name: request.name.clone(), version: request.version }
     }
 }
 
@@ -237,10 +214,7 @@ async fn resolve_templates(
                     },
                 }
             } else {
-                Error::NotFound {
-                    what: "namespace",
-                    key: key.namespace.to_string(),
-                }
+                Error::NotFound { what: "namespace", key: key.namespace.to_string() }
             });
         };
         templates.insert(key, stored);
@@ -282,11 +256,8 @@ impl CreateRows {
         self.contexts.push(request.context.clone());
         self.idempotency_keys.push(request.idempotency_key.clone());
 
-        let step_uuids: HashMap<&str, Uuid> = template
-            .steps
-            .iter()
-            .map(|s| (s.name.as_str(), Uuid::now_v7()))
-            .collect();
+        let step_uuids: HashMap<&str, Uuid> =
+            template.steps.iter().map(|s| (s.name.as_str(), Uuid::now_v7())).collect();
         for step in &template.steps {
             let step_uuid = step_uuids[step.name.as_str()];
             self.step_uuids.push(step_uuid);
@@ -422,17 +393,14 @@ pub async fn get_task(conn: &mut PgConnection, task_uuid: Uuid) -> Result<Option
     .fetch_all(&mut *conn)
     .await?
     {
-        step_history
-            .entry(r.step_uuid)
-            .or_default()
-            .push(TransitionRecord {
-                from: r.from_state,
-                to: r.to_state,
-                reason: r.reason,
-                actor: r.actor,
-                at: r.created_at,
-                attempt: Some(r.attempt),
-            });
+        step_history.entry(r.step_uuid).or_default().push(TransitionRecord {
+            from: r.from_state,
+            to: r.to_state,
+            reason: r.reason,
+            actor: r.actor,
+            at: r.created_at,
+            attempt: Some(r.attempt),
+        });
     }
 
     let steps = sqlx::query!(

@@ -22,10 +22,7 @@ async fn eight_concurrent_claimers_take_each_due_task_exactly_once(
     pool_options: PgPoolOptions,
     connect_options: PgConnectOptions,
 ) {
-    let pool = pool_options
-        .connect_with(connect_options.clone())
-        .await
-        .unwrap();
+    let pool = pool_options.connect_with(connect_options.clone()).await.unwrap();
     let t = single("claims");
     publish(&pool, &t).await;
     let submitted = submit(&pool, &t, 2_000).await;
@@ -38,22 +35,13 @@ async fn eight_concurrent_claimers_take_each_due_task_exactly_once(
         let options = connect_options.clone();
         claimers.push(tokio::spawn(async move {
             let mut conn = PgConnection::connect_with(&options).await.unwrap();
-            sqlx::query("SET lock_timeout = '20ms'")
-                .execute(&mut conn)
-                .await
-                .unwrap();
+            sqlx::query("SET lock_timeout = '20ms'").execute(&mut conn).await.unwrap();
             let me = format!("claimer-{i}");
             let mut mine = Vec::new();
             loop {
-                let batch = claim::claim_ready_tasks(
-                    &mut conn,
-                    &me,
-                    13,
-                    Duration::from_secs(600),
-                    DiscoveredVia::Poll,
-                )
-                .await
-                .expect("claim must not wait on another claimer's locks");
+                let batch = claim::claim_ready_tasks(&mut conn, &me, 13, Duration::from_secs(600), DiscoveredVia::Poll)
+                    .await
+                    .expect("claim must not wait on another claimer's locks");
                 if batch.is_empty() {
                     break;
                 }
@@ -75,21 +63,14 @@ async fn eight_concurrent_claimers_take_each_due_task_exactly_once(
         }
     }
     assert_eq!(owner.len(), submitted.len(), "every task claimed");
-    assert!(
-        claimers_with_work > 1,
-        "claims were spread over several claimers"
-    );
+    assert!(claimers_with_work > 1, "claims were spread over several claimers");
 
-    let (claimed_by_db,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM tasker.tasks WHERE claimed_by IS NOT NULL AND claim_seq = 1",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        claimed_by_db, 2_000,
-        "each task claimed once: claim_seq is 1 everywhere"
-    );
+    let (claimed_by_db,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM tasker.tasks WHERE claimed_by IS NOT NULL AND claim_seq = 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(claimed_by_db, 2_000, "each task claimed once: claim_seq is 1 everywhere");
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
@@ -103,14 +84,10 @@ async fn claims_take_higher_priority_then_older_work_first(pool: PgPool) {
         r.priority = priority;
         requests.push(r);
     }
-    let created = tasker_shared::tasks::create_tasks(&mut tx, "test", &requests)
-        .await
-        .unwrap();
+    let created = tasker_shared::tasks::create_tasks(&mut tx, "test", &requests).await.unwrap();
     tx.commit().await.unwrap();
 
-    let claims = claim::claim_ready_tasks(&pool, ORCH, 10, LEASE, DiscoveredVia::Poll)
-        .await
-        .unwrap();
+    let claims = claim::claim_ready_tasks(&pool, ORCH, 10, LEASE, DiscoveredVia::Poll).await.unwrap();
     let order: Vec<Uuid> = claims.iter().map(|c| c.task_uuid).collect();
     // All four were created in one statement with the same ready_at; among
     // equal priorities the order is not specified, so check priorities only.
@@ -133,21 +110,15 @@ async fn an_expired_step_lease_is_claimable_again_and_the_stale_owner_is_fenced_
     // worker-a goes silent; its lease runs out and the rescuer fails the attempt.
     let mut conn = pool.acquire().await.unwrap();
     expire_leases(&mut conn, task).await;
-    let expired = tasker_shared::orchestration::expire_step_leases(&pool, "rescuer", 100)
-        .await
-        .unwrap();
+    let expired = tasker_shared::orchestration::expire_step_leases(&pool, "rescuer", 100).await.unwrap();
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].state, StepState::WaitingForRetry);
 
     // The orchestrator schedules the retry for now and enqueues it.
-    let retries = tasker_shared::orchestration::unscheduled_retries(&pool, &[task])
-        .await
-        .unwrap();
+    let retries = tasker_shared::orchestration::unscheduled_retries(&pool, &[task]).await.unwrap();
     assert_eq!(retries.len(), 1);
     let now = chrono::Utc::now() - chrono::Duration::milliseconds(1);
-    tasker_shared::orchestration::schedule_step_retries(&pool, &[(retries[0].step_uuid, now)])
-        .await
-        .unwrap();
+    tasker_shared::orchestration::schedule_step_retries(&pool, &[(retries[0].step_uuid, now)]).await.unwrap();
     let enqueued = enqueue_pass(&pool, ORCH).await;
     assert_eq!(enqueued.len(), 1, "the retry was enqueued");
 
@@ -159,10 +130,7 @@ async fn an_expired_step_lease_is_claimable_again_and_the_stale_owner_is_fenced_
     let late = step_result::complete_steps(
         &pool,
         "worker-a",
-        &[Success {
-            attempt: first[0].attempt_ref(),
-            result: serde_json::json!({"from": "a"}),
-        }],
+        &[Success { attempt: first[0].attempt_ref(), result: serde_json::json!({"from": "a"}) }],
     )
     .await
     .unwrap();
@@ -171,36 +139,26 @@ async fn an_expired_step_lease_is_claimable_again_and_the_stale_owner_is_fenced_
     let forged = step_result::complete_steps(
         &pool,
         "worker-a",
-        &[Success {
-            attempt: second[0].attempt_ref(),
-            result: serde_json::json!({"from": "a"}),
-        }],
+        &[Success { attempt: second[0].attempt_ref(), result: serde_json::json!({"from": "a"}) }],
     )
     .await
     .unwrap();
-    assert!(
-        !forged[0].accepted,
-        "another worker's attempt must be rejected"
-    );
+    assert!(!forged[0].accepted, "another worker's attempt must be rejected");
 
     let ok = step_result::complete_steps(
         &pool,
         "worker-b",
-        &[Success {
-            attempt: second[0].attempt_ref(),
-            result: serde_json::json!({"from": "b"}),
-        }],
+        &[Success { attempt: second[0].attempt_ref(), result: serde_json::json!({"from": "b"}) }],
     )
     .await
     .unwrap();
     assert!(ok[0].accepted);
 
-    let result: serde_json::Value =
-        sqlx::query_scalar("SELECT result FROM tasker.workflow_steps WHERE task_uuid = $1")
-            .bind(task)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let result: serde_json::Value = sqlx::query_scalar("SELECT result FROM tasker.workflow_steps WHERE task_uuid = $1")
+        .bind(task)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(result, serde_json::json!({"from": "b"}));
 
     let history: Vec<(i32, Option<String>, String, String)> = sqlx::query_as(
@@ -234,10 +192,7 @@ async fn an_expired_task_claim_passes_to_another_orchestrator_and_fences_the_fir
 
     let first = claim_all(&pool, "orch-a").await;
     assert_eq!(first.len(), 1);
-    assert!(
-        claim_all(&pool, "orch-b").await.is_empty(),
-        "held claims are not claimable"
-    );
+    assert!(claim_all(&pool, "orch-b").await.is_empty(), "held claims are not claimable");
 
     let mut conn = pool.acquire().await.unwrap();
     expire_leases(&mut conn, task).await;
@@ -246,13 +201,9 @@ async fn an_expired_task_claim_passes_to_another_orchestrator_and_fences_the_fir
     assert_eq!(second[0].claim_seq, first[0].claim_seq + 1);
 
     // orch-a's late writes are fenced out.
-    let released = claim::release_task_claims(&pool, "orch-a", &[Release::of(&first[0], None)])
-        .await
-        .unwrap();
+    let released = claim::release_task_claims(&pool, "orch-a", &[Release::of(&first[0], None)]).await.unwrap();
     assert!(released.is_empty(), "stale release must not apply");
-    let extended = claim::extend_task_claims(&pool, "orch-a", &[&first[0]], LEASE)
-        .await
-        .unwrap();
+    let extended = claim::extend_task_claims(&pool, "orch-a", &[&first[0]], LEASE).await.unwrap();
     assert!(extended.is_empty(), "stale extension must not apply");
     let moved = tasker_shared::orchestration::transition_tasks(
         &pool,
@@ -268,19 +219,13 @@ async fn an_expired_task_claim_passes_to_another_orchestrator_and_fences_the_fir
     .await
     .unwrap();
     assert!(moved.is_empty(), "stale transition must not apply");
-    let enqueued = tasker_shared::orchestration::enqueue_ready_steps(&pool, "orch-a", &first)
-        .await
-        .unwrap();
+    let enqueued = tasker_shared::orchestration::enqueue_ready_steps(&pool, "orch-a", &first).await.unwrap();
     assert!(enqueued.is_empty(), "stale enqueue must not apply");
 
     // orch-b holds it and can act.
-    let extended = claim::extend_task_claims(&pool, "orch-b", &[&second[0]], LEASE)
-        .await
-        .unwrap();
+    let extended = claim::extend_task_claims(&pool, "orch-b", &[&second[0]], LEASE).await.unwrap();
     assert_eq!(extended, [task]);
-    let released = claim::release_task_claims(&pool, "orch-b", &[Release::of(&second[0], None)])
-        .await
-        .unwrap();
+    let released = claim::release_task_claims(&pool, "orch-b", &[Release::of(&second[0], None)]).await.unwrap();
     assert_eq!(released.len(), 1);
     assert_eq!(task_state(&pool, task).await, TaskState::Pending);
 }
@@ -299,10 +244,7 @@ async fn a_task_woken_while_claimed_stays_due_after_release(pool: PgPool) {
     step_result::complete_steps(
         &pool,
         "w",
-        &[Success {
-            attempt: steps[0].attempt_ref(),
-            result: serde_json::json!(1),
-        }],
+        &[Success { attempt: steps[0].attempt_ref(), result: serde_json::json!(1) }],
     )
     .await
     .unwrap();
@@ -311,51 +253,30 @@ async fn a_task_woken_while_claimed_stays_due_after_release(pool: PgPool) {
     step_result::complete_steps(
         &pool,
         "w",
-        &[Success {
-            attempt: steps[1].attempt_ref(),
-            result: serde_json::json!(2),
-        }],
+        &[Success { attempt: steps[1].attempt_ref(), result: serde_json::json!(2) }],
     )
     .await
     .unwrap();
     assert!(claim_all(&pool, "other").await.is_empty(), "still held");
 
-    let released = claim::release_task_claims(&pool, ORCH, &[Release::of(&claim[0], None)])
-        .await
-        .unwrap();
+    let released = claim::release_task_claims(&pool, ORCH, &[Release::of(&claim[0], None)]).await.unwrap();
     assert_eq!(released.len(), 1);
-    assert!(
-        released[0].still_due,
-        "the wake-up during the claim is not lost"
-    );
+    assert!(released[0].still_due, "the wake-up during the claim is not lost");
     assert_eq!(claim_all(&pool, "other").await.len(), 1);
     let _ = task;
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
-async fn of_two_concurrent_finalizers_exactly_one_wins(
-    pool_options: PgPoolOptions,
-    connect_options: PgConnectOptions,
-) {
-    let pool = pool_options
-        .connect_with(connect_options.clone())
-        .await
-        .unwrap();
+async fn of_two_concurrent_finalizers_exactly_one_wins(pool_options: PgPoolOptions, connect_options: PgConnectOptions) {
+    let pool = pool_options.connect_with(connect_options.clone()).await.unwrap();
     let t = single("finalize");
     publish(&pool, &t).await;
     let tasks = submit(&pool, &t, 10).await;
     enqueue_pass(&pool, ORCH).await;
     let steps = claim_steps(&pool, "w", 100).await;
-    let successes: Vec<Success> = steps
-        .iter()
-        .map(|s| Success {
-            attempt: s.attempt_ref(),
-            result: serde_json::json!(null),
-        })
-        .collect();
-    step_result::complete_steps(&pool, "w", &successes)
-        .await
-        .unwrap();
+    let successes: Vec<Success> =
+        steps.iter().map(|s| Success { attempt: s.attempt_ref(), result: serde_json::json!(null) }).collect();
+    step_result::complete_steps(&pool, "w", &successes).await.unwrap();
 
     let mut gate = PgConnection::connect_with(&connect_options).await.unwrap();
     for &task in &tasks {
@@ -373,9 +294,7 @@ async fn of_two_concurrent_finalizers_exactly_one_wins(
                 let options = connect_options.clone();
                 tokio::spawn(async move {
                     let mut conn = PgConnection::connect_with(&options).await.unwrap();
-                    finalize::claim_task_for_finalization(&mut conn, task, me)
-                        .await
-                        .unwrap()
+                    finalize::claim_task_for_finalization(&mut conn, task, me).await.unwrap()
                 })
             })
             .collect();
@@ -386,10 +305,7 @@ async fn of_two_concurrent_finalizers_exactly_one_wins(
             results.push(racer.await.unwrap());
         }
         let (ra, rb) = (&results[0], &results[1]);
-        assert!(
-            ra.finalized ^ rb.finalized,
-            "exactly one finalizer wins for {task}: {ra:?} / {rb:?}"
-        );
+        assert!(ra.finalized ^ rb.finalized, "exactly one finalizer wins for {task}: {ra:?} / {rb:?}");
         assert_eq!(ra.state, Some(TaskState::Complete));
         assert_eq!(rb.state, Some(TaskState::Complete));
     }
@@ -403,9 +319,7 @@ async fn of_two_concurrent_finalizers_exactly_one_wins(
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
-async fn finalization_waits_for_running_steps_and_fails_a_task_with_a_permanent_failure(
-    pool: PgPool,
-) {
+async fn finalization_waits_for_running_steps_and_fails_a_task_with_a_permanent_failure(pool: PgPool) {
     let t = template("fin", "pair", &[("a", &[]), ("b", &[]), ("c", &["a", "b"])]);
     publish(&pool, &t).await;
     let task = submit(&pool, &t, 1).await[0];
@@ -416,35 +330,24 @@ async fn finalization_waits_for_running_steps_and_fails_a_task_with_a_permanent_
     let recorded = step_result::fail_steps(
         &pool,
         "w",
-        &[Failure {
-            attempt: steps[0].attempt_ref(),
-            error: "boom".into(),
-            retryable: false,
-        }],
+        &[Failure { attempt: steps[0].attempt_ref(), error: "boom".into(), retryable: false }],
     )
     .await
     .unwrap();
     assert_eq!(recorded[0].state, Some(StepState::Error));
 
-    let early = finalize::claim_task_for_finalization(&pool, task, ORCH)
-        .await
-        .unwrap();
+    let early = finalize::claim_task_for_finalization(&pool, task, ORCH).await.unwrap();
     assert!(!early.finalized, "a step is still running: {early:?}");
     assert!(early.detail.contains("1 in flight"), "{}", early.detail);
 
     step_result::complete_steps(
         &pool,
         "w",
-        &[Success {
-            attempt: steps[1].attempt_ref(),
-            result: serde_json::json!(1),
-        }],
+        &[Success { attempt: steps[1].attempt_ref(), result: serde_json::json!(1) }],
     )
     .await
     .unwrap();
-    let done = finalize::claim_task_for_finalization(&pool, task, ORCH)
-        .await
-        .unwrap();
+    let done = finalize::claim_task_for_finalization(&pool, task, ORCH).await.unwrap();
     assert!(done.finalized);
     assert_eq!(done.state, Some(TaskState::Error));
     assert_eq!(step_state(&pool, task, "c").await, StepState::Cancelled);
@@ -465,10 +368,7 @@ async fn wait_for_lock_waiters(pool: &PgPool, n: i64) {
         if waiting >= n {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {waiting} of {n} sessions waiting"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "only {waiting} of {n} sessions waiting");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -36,10 +36,7 @@ async fn run_only_runnable_step(pool: &PgPool, name: &str) {
     let recorded = step_result::complete_steps(
         pool,
         "w",
-        &[Success {
-            attempt: claims[0].attempt_ref(),
-            result: serde_json::json!(name),
-        }],
+        &[Success { attempt: claims[0].attempt_ref(), result: serde_json::json!(name) }],
     )
     .await
     .unwrap();
@@ -52,65 +49,29 @@ async fn a_diamond_runs_a_then_b_and_c_together_then_d(pool: PgPool) {
     publish(&pool, &t).await;
     let task = submit(&pool, &t, 1).await[0];
 
-    assert_eq!(
-        enqueued_names(&pool, task).await,
-        BTreeSet::from(["a".to_owned()])
-    );
-    assert!(
-        enqueued_names(&pool, task).await.is_empty(),
-        "nothing new before a completes"
-    );
+    assert_eq!(enqueued_names(&pool, task).await, BTreeSet::from(["a".to_owned()]));
+    assert!(enqueued_names(&pool, task).await.is_empty(), "nothing new before a completes");
     run_only_runnable_step(&pool, "a").await;
 
-    assert_eq!(
-        enqueued_names(&pool, task).await,
-        BTreeSet::from(["b".to_owned(), "c".to_owned()])
-    );
+    assert_eq!(enqueued_names(&pool, task).await, BTreeSet::from(["b".to_owned(), "c".to_owned()]));
     let claims = claim_steps(&pool, "w", 10).await;
     assert_eq!(claims.len(), 2, "b and c run in parallel");
     let b = claims.iter().find(|c| c.name == "b").unwrap();
     let c = claims.iter().find(|c| c.name == "c").unwrap();
-    assert_eq!(
-        b.dependency_results,
-        serde_json::json!({"a": "a"}),
-        "b sees a's result"
-    );
+    assert_eq!(b.dependency_results, serde_json::json!({"a": "a"}), "b sees a's result");
 
-    step_result::complete_steps(
-        &pool,
-        "w",
-        &[Success {
-            attempt: b.attempt_ref(),
-            result: serde_json::json!("b"),
-        }],
-    )
-    .await
-    .unwrap();
-    assert!(
-        enqueued_names(&pool, task).await.is_empty(),
-        "d waits for c"
-    );
+    step_result::complete_steps(&pool, "w", &[Success { attempt: b.attempt_ref(), result: serde_json::json!("b") }])
+        .await
+        .unwrap();
+    assert!(enqueued_names(&pool, task).await.is_empty(), "d waits for c");
     assert_eq!(step_state(&pool, task, "d").await, StepState::Pending);
 
-    step_result::complete_steps(
-        &pool,
-        "w",
-        &[Success {
-            attempt: c.attempt_ref(),
-            result: serde_json::json!("c"),
-        }],
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        enqueued_names(&pool, task).await,
-        BTreeSet::from(["d".to_owned()])
-    );
+    step_result::complete_steps(&pool, "w", &[Success { attempt: c.attempt_ref(), result: serde_json::json!("c") }])
+        .await
+        .unwrap();
+    assert_eq!(enqueued_names(&pool, task).await, BTreeSet::from(["d".to_owned()]));
     let d = claim_steps(&pool, "w", 10).await;
-    assert_eq!(
-        d[0].dependency_results,
-        serde_json::json!({"b": "b", "c": "c"})
-    );
+    assert_eq!(d[0].dependency_results, serde_json::json!({"b": "b", "c": "c"}));
     assert_invariants(&pool).await;
 }
 
@@ -118,10 +79,7 @@ async fn a_diamond_runs_a_then_b_and_c_together_then_d(pool: PgPool) {
 /// fail with SQLSTATE TK002 and a message naming the problem.
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn the_database_rejects_cyclic_and_dangling_templates_naming_the_problem(pool: PgPool) {
-    sqlx::query("INSERT INTO tasker.namespaces (name) VALUES ('raw')")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query("INSERT INTO tasker.namespaces (name) VALUES ('raw')").execute(&pool).await.unwrap();
     let cases = [
         (
             serde_json::json!({"steps": [
@@ -141,10 +99,7 @@ async fn the_database_rejects_cyclic_and_dangling_templates_naming_the_problem(p
                 {"name": "a", "handler": "noop"}, {"name": "a", "handler": "noop"}]}),
             "step name a is used twice",
         ),
-        (
-            serde_json::json!({"steps": []}),
-            "non-empty \"steps\" array",
-        ),
+        (serde_json::json!({"steps": []}), "non-empty \"steps\" array"),
     ];
     for (definition, expected) in cases {
         let err = sqlx::query(
@@ -157,16 +112,10 @@ async fn the_database_rejects_cyclic_and_dangling_templates_naming_the_problem(p
         .expect_err("a bad template must be rejected");
         let db = err.as_database_error().unwrap();
         assert_eq!(db.code().as_deref(), Some("TK002"));
-        assert!(
-            db.message().contains(expected),
-            "{} should mention {expected}",
-            db.message()
-        );
+        assert!(db.message().contains(expected), "{} should mention {expected}", db.message());
     }
-    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM tasker.task_templates")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (stored,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM tasker.task_templates").fetch_one(&pool).await.unwrap();
     assert_eq!(stored, 0);
 }
 
@@ -179,9 +128,7 @@ async fn a_published_version_is_immutable(pool: PgPool) {
     let mut changed = t.clone();
     changed.steps[0].max_attempts = 7;
     let mut tx = pool.begin().await.unwrap();
-    let err = tasker_shared::template::publish_template(&mut tx, &changed)
-        .await
-        .expect_err("conflict");
+    let err = tasker_shared::template::publish_template(&mut tx, &changed).await.expect_err("conflict");
     assert!(matches!(err, tasker_shared::Error::Conflict(_)), "{err}");
 }
 
@@ -195,24 +142,15 @@ async fn claiming_reads_only_the_due_work_index(pool: PgPool) {
     let tasks = submit(&pool, &t, 10_000).await;
     // Finish them all, the way finalization leaves them.
     let mut conn = pool.acquire().await.unwrap();
-    sqlx::query("SET session_replication_role = replica")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
     sqlx::query(
         "UPDATE tasker.tasks SET state = 'complete', completed_at = now(), ready_at = NULL, ready_since = NULL",
     )
     .execute(&mut *conn)
     .await
     .unwrap();
-    sqlx::query("SET session_replication_role = DEFAULT")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("ANALYZE tasker.tasks")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT").execute(&mut *conn).await.unwrap();
+    sqlx::query("ANALYZE tasker.tasks").execute(&mut *conn).await.unwrap();
     submit(&pool, &t, 5).await;
     assert_eq!(tasks.len(), 10_000);
 
@@ -226,31 +164,19 @@ async fn claiming_reads_only_the_due_work_index(pool: PgPool) {
     .await
     .unwrap();
     let text = plan.to_string();
-    assert!(
-        text.contains("\"Index Name\":\"tasks_due_idx\""),
-        "uses the due-work index: {text}"
-    );
+    assert!(text.contains("\"Index Name\":\"tasks_due_idx\""), "uses the due-work index: {text}");
     assert!(!text.contains("Seq Scan"), "never scans the table: {text}");
     let mut scans = Vec::new();
     collect_scans(&plan[0]["Plan"], &mut scans);
-    let rows_read: f64 = scans
-        .iter()
-        .map(|n| n["Actual Rows"].as_f64().unwrap_or(0.0))
-        .sum();
-    assert!(
-        rows_read <= 5.0,
-        "read {rows_read} rows for 5 due tasks: {text}"
-    );
+    let rows_read: f64 = scans.iter().map(|n| n["Actual Rows"].as_f64().unwrap_or(0.0)).sum();
+    assert!(rows_read <= 5.0, "read {rows_read} rows for 5 due tasks: {text}");
 
     let claimed = claim_all(&pool, ORCH).await;
     assert_eq!(claimed.len(), 5);
 }
 
 fn collect_scans<'a>(node: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
-    if node["Node Type"]
-        .as_str()
-        .is_some_and(|t| t.contains("Scan"))
-    {
+    if node["Node Type"].as_str().is_some_and(|t| t.contains("Scan")) {
         out.push(node);
     }
     for child in node["Plans"].as_array().into_iter().flatten() {

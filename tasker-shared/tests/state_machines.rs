@@ -22,10 +22,8 @@ async fn the_sql_machines_mirror_the_rust_tables(pool: PgPool) {
             .fetch_all(&pool)
             .await
             .unwrap();
-    let mut rust_tasks: Vec<(String, String, String)> = TaskState::TRANSITIONS
-        .iter()
-        .map(|(f, e, t)| (f.to_string(), e.to_string(), t.to_string()))
-        .collect();
+    let mut rust_tasks: Vec<(String, String, String)> =
+        TaskState::TRANSITIONS.iter().map(|(f, e, t)| (f.to_string(), e.to_string(), t.to_string())).collect();
     sql_tasks.sort();
     rust_tasks.sort();
     assert_eq!(sql_tasks, rust_tasks);
@@ -35,10 +33,8 @@ async fn the_sql_machines_mirror_the_rust_tables(pool: PgPool) {
             .fetch_all(&pool)
             .await
             .unwrap();
-    let mut rust_steps: Vec<(String, String, String)> = StepState::TRANSITIONS
-        .iter()
-        .map(|(f, e, t)| (f.to_string(), e.to_string(), t.to_string()))
-        .collect();
+    let mut rust_steps: Vec<(String, String, String)> =
+        StepState::TRANSITIONS.iter().map(|(f, e, t)| (f.to_string(), e.to_string(), t.to_string())).collect();
     sql_steps.sort();
     rust_steps.sort();
     assert_eq!(sql_steps, rust_steps);
@@ -48,9 +44,7 @@ async fn the_sql_machines_mirror_the_rust_tables(pool: PgPool) {
 fn rust_rejects_every_event_not_in_the_table() {
     for &state in TaskState::ALL {
         for &event in TaskEvent::ALL {
-            let listed = TaskState::TRANSITIONS
-                .iter()
-                .find(|(f, e, _)| *f == state && *e == event);
+            let listed = TaskState::TRANSITIONS.iter().find(|(f, e, _)| *f == state && *e == event);
             match (state.apply(event), listed) {
                 (Ok(to), Some((_, _, expected))) => assert_eq!(to, *expected),
                 (Err(err), None) => assert!(err.to_string().contains(event.as_str())),
@@ -60,21 +54,11 @@ fn rust_rejects_every_event_not_in_the_table() {
     }
     for &state in StepState::ALL {
         for &event in StepEvent::ALL {
-            let listed = StepState::TRANSITIONS
-                .iter()
-                .find(|(f, e, _)| *f == state && *e == event);
-            assert_eq!(
-                state.apply(event).ok(),
-                listed.map(|(_, _, to)| *to),
-                "{state} + {event}"
-            );
+            let listed = StepState::TRANSITIONS.iter().find(|(f, e, _)| *f == state && *e == event);
+            assert_eq!(state.apply(event).ok(), listed.map(|(_, _, to)| *to), "{state} + {event}");
         }
     }
-    assert!(
-        TaskState::Complete.is_final()
-            && TaskState::Error.is_final()
-            && TaskState::Cancelled.is_final()
-    );
+    assert!(TaskState::Complete.is_final() && TaskState::Error.is_final() && TaskState::Cancelled.is_final());
     assert!(!TaskState::BlockedByFailures.is_final());
 }
 
@@ -94,9 +78,7 @@ async fn sql_guards_reject_every_transition_not_in_the_table(pool: PgPool) {
                 continue;
             }
             force_state(&mut conn, "tasks", "task_uuid", task, from.as_str()).await;
-            let allowed = TaskState::TRANSITIONS
-                .iter()
-                .any(|(f, _, t)| *f == from && *t == to);
+            let allowed = TaskState::TRANSITIONS.iter().any(|(f, _, t)| *f == from && *t == to);
             let result = sqlx::query("UPDATE tasker.tasks SET state = $1 WHERE task_uuid = $2")
                 .bind(to.as_str())
                 .bind(task)
@@ -106,34 +88,23 @@ async fn sql_guards_reject_every_transition_not_in_the_table(pool: PgPool) {
         }
     }
 
-    let step: Uuid =
-        sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1")
-            .bind(task)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+    let step: Uuid = sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1")
+        .bind(task)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     for &from in StepState::ALL {
         for &to in StepState::ALL {
             if from == to {
                 continue;
             }
-            force_state(
-                &mut conn,
-                "workflow_steps",
-                "step_uuid",
-                step,
-                from.as_str(),
-            )
-            .await;
-            let allowed = StepState::TRANSITIONS
-                .iter()
-                .any(|(f, _, t)| *f == from && *t == to);
-            let result =
-                sqlx::query("UPDATE tasker.workflow_steps SET state = $1 WHERE step_uuid = $2")
-                    .bind(to.as_str())
-                    .bind(step)
-                    .execute(&mut *conn)
-                    .await;
+            force_state(&mut conn, "workflow_steps", "step_uuid", step, from.as_str()).await;
+            let allowed = StepState::TRANSITIONS.iter().any(|(f, _, t)| *f == from && *t == to);
+            let result = sqlx::query("UPDATE tasker.workflow_steps SET state = $1 WHERE step_uuid = $2")
+                .bind(to.as_str())
+                .bind(step)
+                .execute(&mut *conn)
+                .await;
             check_guard(result, allowed, &format!("step {from} -> {to}"));
         }
     }
@@ -149,29 +120,17 @@ async fn sql_guards_reject_every_transition_not_in_the_table(pool: PgPool) {
 }
 
 async fn force_state(conn: &mut sqlx::PgConnection, table: &str, key: &str, id: Uuid, state: &str) {
-    sqlx::query("SET session_replication_role = replica")
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE tasker.{table} SET state = $1 WHERE {key} = $2")))
+        .bind(state)
+        .bind(id)
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE tasker.{table} SET state = $1 WHERE {key} = $2"
-    )))
-    .bind(state)
-    .bind(id)
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query("SET session_replication_role = DEFAULT")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT").execute(&mut *conn).await.unwrap();
 }
 
-fn check_guard(
-    result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>,
-    allowed: bool,
-    what: &str,
-) {
+fn check_guard(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>, allowed: bool, what: &str) {
     match result {
         Ok(_) => assert!(allowed, "{what} must be rejected"),
         Err(err) => {
@@ -179,10 +138,7 @@ fn check_guard(
             let db = err.as_database_error().expect("a database error");
             assert_eq!(db.code().as_deref(), Some("TK001"), "{what}: {err}");
             let mapped = tasker_shared::Error::from(err);
-            assert!(
-                matches!(mapped, tasker_shared::Error::InvalidTransition(_)),
-                "{mapped}"
-            );
+            assert!(matches!(mapped, tasker_shared::Error::InvalidTransition(_)), "{mapped}");
         }
     }
 }
@@ -201,11 +157,7 @@ enum Op {
     /// reports for the previous attempt instead.
     Complete { worker: usize, stale: bool },
     /// A worker reports failure.
-    Fail {
-        worker: usize,
-        stale: bool,
-        retryable: bool,
-    },
+    Fail { worker: usize, stale: bool, retryable: bool },
     /// Time passes beyond the lease; the rescuer runs.
     ExpireLease,
     /// A user cancels the task.
@@ -236,18 +188,13 @@ struct Model {
 
 impl Model {
     fn step(&mut self, event: StepEvent) {
-        self.state = self
-            .state
-            .apply(event)
-            .expect("the model only makes table moves");
+        self.state = self.state.apply(event).expect("the model only makes table moves");
     }
 
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Enqueue => {
-                if !self.cancelled
-                    && matches!(self.state, StepState::Pending | StepState::WaitingForRetry)
-                {
+                if !self.cancelled && matches!(self.state, StepState::Pending | StepState::WaitingForRetry) {
                     self.step(StepEvent::Enqueue);
                 }
             }
@@ -263,28 +210,16 @@ impl Model {
                     self.step(StepEvent::Complete);
                 }
             }
-            Op::Fail {
-                worker,
-                stale,
-                retryable,
-            } => {
+            Op::Fail { worker, stale, retryable } => {
                 if self.state == StepState::InProgress && self.owner == Some(worker) && !stale {
                     let retry = retryable && self.attempts < self.max_attempts;
-                    self.step(if retry {
-                        StepEvent::Retry
-                    } else {
-                        StepEvent::Fail
-                    });
+                    self.step(if retry { StepEvent::Retry } else { StepEvent::Fail });
                 }
             }
             Op::ExpireLease => {
                 if self.state == StepState::InProgress {
                     let retry = self.attempts < self.max_attempts;
-                    self.step(if retry {
-                        StepEvent::Retry
-                    } else {
-                        StepEvent::Fail
-                    });
+                    self.step(if retry { StepEvent::Retry } else { StepEvent::Fail });
                 }
             }
             Op::Cancel => {
@@ -302,37 +237,23 @@ const WORKERS: [&str; 2] = ["worker-0", "worker-1"];
 async fn run_case(pool: &PgPool, ops: &[Op]) {
     let t = single("prop");
     let task = submit(pool, &t, 1).await[0];
-    let mut model = Model {
-        state: StepState::Pending,
-        attempts: 0,
-        owner: None,
-        max_attempts: 3,
-        cancelled: false,
-    };
-    let step: Uuid =
-        sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1")
-            .bind(task)
-            .fetch_one(pool)
-            .await
-            .unwrap();
+    let mut model = Model { state: StepState::Pending, attempts: 0, owner: None, max_attempts: 3, cancelled: false };
+    let step: Uuid = sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1")
+        .bind(task)
+        .fetch_one(pool)
+        .await
+        .unwrap();
 
     for op in ops {
         // What a worker believes its attempt number is.
-        let attempt = |stale: bool| AttemptRef {
-            step_uuid: step,
-            attempt: model.attempts - i32::from(stale),
-        };
+        let attempt = |stale: bool| AttemptRef { step_uuid: step, attempt: model.attempts - i32::from(stale) };
         match *op {
             Op::Enqueue => {
                 // Schedule any pending retry for now, then run a pass on this task only.
-                let retries = tasker_shared::orchestration::unscheduled_retries(pool, &[task])
-                    .await
-                    .unwrap();
+                let retries = tasker_shared::orchestration::unscheduled_retries(pool, &[task]).await.unwrap();
                 let now = chrono::Utc::now() - chrono::Duration::milliseconds(1);
                 let times: Vec<_> = retries.iter().map(|r| (r.step_uuid, now)).collect();
-                tasker_shared::orchestration::schedule_step_retries(pool, &times)
-                    .await
-                    .unwrap();
+                tasker_shared::orchestration::schedule_step_retries(pool, &times).await.unwrap();
                 sqlx::query("UPDATE tasker.tasks SET ready_at = now(), ready_since = now() WHERE task_uuid = $1 AND completed_at IS NULL")
                     .bind(task)
                     .execute(pool)
@@ -344,50 +265,30 @@ async fn run_case(pool: &PgPool, ops: &[Op]) {
                 claim_steps(pool, WORKERS[worker], 10).await;
             }
             Op::Complete { worker, stale } => {
-                let success = Success {
-                    attempt: attempt(stale),
-                    result: serde_json::json!(worker),
-                };
-                step_result::complete_steps(pool, WORKERS[worker], &[success])
-                    .await
-                    .unwrap();
+                let success = Success { attempt: attempt(stale), result: serde_json::json!(worker) };
+                step_result::complete_steps(pool, WORKERS[worker], &[success]).await.unwrap();
             }
-            Op::Fail {
-                worker,
-                stale,
-                retryable,
-            } => {
-                let failure = Failure {
-                    attempt: attempt(stale),
-                    error: "injected".into(),
-                    retryable,
-                };
-                step_result::fail_steps(pool, WORKERS[worker], &[failure])
-                    .await
-                    .unwrap();
+            Op::Fail { worker, stale, retryable } => {
+                let failure = Failure { attempt: attempt(stale), error: "injected".into(), retryable };
+                step_result::fail_steps(pool, WORKERS[worker], &[failure]).await.unwrap();
             }
             Op::ExpireLease => {
                 let mut conn = pool.acquire().await.unwrap();
                 expire_leases(&mut conn, task).await;
-                tasker_shared::orchestration::expire_step_leases(pool, "rescuer", 10)
-                    .await
-                    .unwrap();
+                tasker_shared::orchestration::expire_step_leases(pool, "rescuer", 10).await.unwrap();
             }
             Op::Cancel => {
-                tasker_shared::tasks::cancel_task(pool, task, "user", "test")
-                    .await
-                    .unwrap();
+                tasker_shared::tasks::cancel_task(pool, task, "user", "test").await.unwrap();
             }
         }
         model.apply(op);
 
-        let (state, attempts): (String, i32) = sqlx::query_as(
-            "SELECT state, attempts FROM tasker.workflow_steps WHERE step_uuid = $1",
-        )
-        .bind(step)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        let (state, attempts): (String, i32) =
+            sqlx::query_as("SELECT state, attempts FROM tasker.workflow_steps WHERE step_uuid = $1")
+                .bind(step)
+                .fetch_one(pool)
+                .await
+                .unwrap();
         assert_eq!(state, model.state.as_str(), "after {op:?} in {ops:?}");
         assert_eq!(attempts, model.attempts, "after {op:?} in {ops:?}");
     }
@@ -399,10 +300,7 @@ fn random_histories_with_duplicates_and_stale_reports_match_the_model() {
     let (pool, database) = runtime.block_on(fresh_database("tasker_prop"));
     runtime.block_on(publish(&pool, &single("prop")));
 
-    let config = ProptestConfig {
-        cases: 96,
-        ..ProptestConfig::default()
-    };
+    let config = ProptestConfig { cases: 96, ..ProptestConfig::default() };
     proptest!(config, |(ops in proptest::collection::vec(op(), 1..24))| {
         runtime.block_on(run_case(&pool, &ops));
     });
@@ -419,10 +317,7 @@ async fn fresh_database(prefix: &str) -> (PgPool, String) {
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test");
     let name = format!("{prefix}_{}", Uuid::now_v7().simple());
     let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
     let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
@@ -437,10 +332,8 @@ async fn fresh_database(prefix: &str) -> (PgPool, String) {
 async fn drop_database(name: &str) {
     let url = std::env::var("DATABASE_URL").unwrap();
     let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 }

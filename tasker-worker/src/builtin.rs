@@ -38,9 +38,9 @@ impl StepHandler for Sleep {
     async fn handle(&self, input: StepInput) -> StepResult {
         let ms = match input.config.get("duration_ms") {
             None => 100,
-            Some(v) => v.as_u64().ok_or_else(|| {
-                StepError::permanent("sleep: config.duration_ms must be a whole number")
-            })?,
+            Some(v) => {
+                v.as_u64().ok_or_else(|| StepError::permanent("sleep: config.duration_ms must be a whole number"))?
+            }
         };
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(serde_json::json!({ "slept_ms": ms })),
@@ -55,26 +55,11 @@ pub struct Fail;
 
 impl StepHandler for Fail {
     async fn handle(&self, input: StepInput) -> StepResult {
-        let fail_times = input
-            .config
-            .get("fail_times")
-            .and_then(serde_json::Value::as_i64)
-            .unwrap_or(1);
-        let retryable = input
-            .config
-            .get("retryable")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(true);
+        let fail_times = input.config.get("fail_times").and_then(serde_json::Value::as_i64).unwrap_or(1);
+        let retryable = input.config.get("retryable").and_then(serde_json::Value::as_bool).unwrap_or(true);
         if i64::from(input.attempt) <= fail_times {
-            let message = input
-                .config
-                .get("message")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("injected failure");
-            let message = format!(
-                "{message} (attempt {} of {} planned failures)",
-                input.attempt, fail_times
-            );
+            let message = input.config.get("message").and_then(serde_json::Value::as_str).unwrap_or("injected failure");
+            let message = format!("{message} (attempt {} of {} planned failures)", input.attempt, fail_times);
             return Err(StepError { message, retryable });
         }
         Ok(serde_json::json!({ "attempt": input.attempt }))
@@ -119,50 +104,29 @@ mod tests {
     #[tokio::test]
     async fn fail_fails_the_planned_attempts_then_succeeds() {
         let config = serde_json::json!({"fail_times": 2});
-        assert!(
-            Fail.handle(input(1, config.clone()))
-                .await
-                .expect_err("1")
-                .retryable
-        );
+        assert!(Fail.handle(input(1, config.clone())).await.expect_err("1").retryable);
         assert!(Fail.handle(input(2, config.clone())).await.is_err());
-        assert_eq!(
-            Fail.handle(input(3, config)).await,
-            Ok(serde_json::json!({"attempt": 3}))
-        );
-        let permanent = Fail
-            .handle(input(1, serde_json::json!({"retryable": false})))
-            .await;
+        assert_eq!(Fail.handle(input(3, config)).await, Ok(serde_json::json!({"attempt": 3})));
+        let permanent = Fail.handle(input(1, serde_json::json!({"retryable": false}))).await;
         assert!(!permanent.expect_err("fails").retryable);
     }
 
     #[tokio::test]
     async fn echo_returns_its_input_and_sleep_validates_its_config() {
-        let out = Echo
-            .handle(input(1, serde_json::json!({"k": "v"})))
-            .await
-            .expect("echo");
+        let out = Echo.handle(input(1, serde_json::json!({"k": "v"}))).await.expect("echo");
         assert_eq!(out["context"]["order"], 42);
         assert_eq!(out["dependencies"]["a"], 1);
-        let bad = Sleep
-            .handle(input(1, serde_json::json!({"duration_ms": "soon"})))
-            .await;
+        let bad = Sleep.handle(input(1, serde_json::json!({"duration_ms": "soon"}))).await;
         assert!(!bad.expect_err("bad config").retryable);
         let cancelled = input(1, serde_json::json!({"duration_ms": 60_000}));
         cancelled.cancelled.cancel();
-        assert!(
-            Sleep.handle(cancelled).await.is_err(),
-            "a cancelled sleep stops at once"
-        );
+        assert!(Sleep.handle(cancelled).await.is_err(), "a cancelled sleep stops at once");
     }
 
     #[test]
     fn builtins_are_registered_and_names_are_unique() {
         let mut registry = HandlerRegistry::with_builtins();
-        assert_eq!(
-            registry.names().collect::<Vec<_>>(),
-            ["echo", "fail", "noop", "sleep"]
-        );
+        assert_eq!(registry.names().collect::<Vec<_>>(), ["echo", "fail", "noop", "sleep"]);
         assert!(registry.register("noop", Noop).is_err());
         assert!(registry.register("Bad Name", Noop).is_err());
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tasker_shared::claim::AttemptRef;
 use tasker_shared::discovery::Backoff;
+use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::step_result::{self, Failure, Recorded, Success};
 use tokio::sync::mpsc;
@@ -31,6 +32,8 @@ pub struct Outcome {
     pub handler: String,
     /// What the handler returned.
     pub result: StepResult,
+    /// How long the handler ran.
+    pub elapsed: std::time::Duration,
 }
 
 /// Writes outcomes until the sender side closes and everything is written.
@@ -39,6 +42,7 @@ pub async fn run(
     worker_id: String,
     mut outcomes: mpsc::Receiver<Outcome>,
     inflight: Arc<InFlight>,
+    stats: SampledStatisticsCollector,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = outcomes.recv().await {
@@ -49,7 +53,11 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        record_with_retry(&pool, &worker_id, &batch).await;
+        let started = std::time::Instant::now();
+        if let Some(recorded) = record_with_retry(&pool, &worker_id, &batch).await {
+            account(&batch, &recorded, &stats).await;
+        }
+        metrics::add_processing_time(started.elapsed());
         for outcome in batch.drain(..) {
             inflight.remove(&outcome.attempt);
         }
@@ -59,11 +67,13 @@ pub async fn run(
 /// Retries transient failures: the outcome must not be lost while the lease
 /// may still hold. If the database stays away past the lease, the write will be
 /// rejected later anyway and the attempt retried elsewhere.
-async fn record_with_retry(pool: &PgPool, worker_id: &str, batch: &[Outcome]) {
+async fn record_with_retry(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> Option<Vec<Recorded>> {
     let mut backoff = Backoff::new();
-    for attempt in 1.. {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         match record(pool, worker_id, batch).await {
-            Ok(()) => return,
+            Ok(recorded) => return Some(recorded),
             Err(err) if err.is_transient() && attempt < 60 => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %err, outcomes = batch.len(), retry_in = ?delay, "recording step outcomes failed; retrying");
@@ -71,21 +81,18 @@ async fn record_with_retry(pool: &PgPool, worker_id: &str, batch: &[Outcome]) {
             }
             Err(err) => {
                 tracing::error!(error = %err, outcomes = batch.len(), "could not record step outcomes; their leases will expire and the steps run again");
-                return;
+                return None;
             }
         }
     }
 }
 
-async fn record(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> tasker_shared::Result<()> {
+async fn record(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> tasker_shared::Result<Vec<Recorded>> {
     let mut successes = Vec::new();
     let mut failures = Vec::new();
     for outcome in batch {
         match &outcome.result {
-            Ok(value) => successes.push(Success {
-                attempt: outcome.attempt,
-                result: value.clone(),
-            }),
+            Ok(value) => successes.push(Success { attempt: outcome.attempt, result: value.clone() }),
             Err(err) => failures.push(Failure {
                 attempt: outcome.attempt,
                 error: err.message.clone(),
@@ -100,30 +107,30 @@ async fn record(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> tasker_sha
     if !failures.is_empty() {
         recorded.extend(step_result::fail_steps(pool, worker_id, &failures).await?);
     }
-    account(batch, &recorded);
-    Ok(())
+    Ok(recorded)
 }
 
-/// Metrics and logs for a recorded batch.
-fn account(batch: &[Outcome], recorded: &[Recorded]) {
-    let accepted: HashSet<Uuid> = recorded
-        .iter()
-        .filter(|r| r.accepted)
-        .map(|r| r.step_uuid)
-        .collect();
+/// Metrics, statistics and logs for a recorded batch.
+async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatisticsCollector) {
+    let accepted: HashSet<Uuid> = recorded.iter().filter(|r| r.accepted).map(|r| r.step_uuid).collect();
     let mut woken = HashSet::new();
     for outcome in batch {
         let step = outcome.attempt.step_uuid;
         if !accepted.contains(&step) {
             metrics::counter_by(names::STEP_RESULTS_REJECTED, 1);
+            stats.record(Event::StepResultRejected, outcome.elapsed).await;
             tracing::info!(step = %step, attempt = outcome.attempt.attempt, "outcome rejected: the attempt no longer owns the step (cancelled or taken over)");
             continue;
         }
         woken.insert(outcome.task_uuid);
         match &outcome.result {
-            Ok(_) => metrics::counter_with(names::STEPS_COMPLETED, "handler", &outcome.handler),
+            Ok(_) => {
+                metrics::counter_with(names::STEPS_COMPLETED, "handler", &outcome.handler);
+                stats.record(Event::StepCompleted, outcome.elapsed).await;
+            }
             Err(err) => {
                 metrics::step_failed(&outcome.handler, err.retryable);
+                stats.record(Event::StepFailed, outcome.elapsed).await;
                 tracing::info!(step = %step, attempt = outcome.attempt.attempt, retryable = err.retryable, error = %err.message, "step attempt failed");
             }
         }
@@ -131,5 +138,6 @@ fn account(batch: &[Outcome], recorded: &[Recorded]) {
     if !woken.is_empty() {
         metrics::tasks_made_ready("step_result", woken.len() as u64);
         metrics::notifications_sent("tasks", 1);
+        stats.record(Event::NotificationSent, Default::default()).await;
     }
 }

@@ -69,18 +69,12 @@ pub struct StepError {
 impl StepError {
     /// A failure worth retrying (a timeout, an unavailable dependency).
     pub fn retryable(message: impl Into<String>) -> Self {
-        StepError {
-            message: message.into(),
-            retryable: true,
-        }
+        StepError { message: message.into(), retryable: true }
     }
 
     /// A failure that retrying cannot fix (bad input).
     pub fn permanent(message: impl Into<String>) -> Self {
-        StepError {
-            message: message.into(),
-            retryable: false,
-        }
+        StepError { message: message.into(), retryable: false }
     }
 }
 
@@ -165,10 +159,7 @@ impl HandlerRegistry {
 
     /// The handler registered under `name`.
     pub fn get(&self, name: &str) -> Option<&Handler> {
-        self.handlers
-            .iter()
-            .find(|(k, _)| k.as_str() == name)
-            .map(|(_, h)| h)
+        self.handlers.iter().find(|(k, _)| k.as_str() == name).map(|(_, h)| h)
     }
 
     /// Registered names, sorted.

@@ -22,21 +22,13 @@ pub struct InFlight {
 
 impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptRef, Entry>> {
-        self.attempts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Starts tracking an attempt; returns the token that cancels it.
     pub fn insert(&self, attempt: AttemptRef) -> CancellationToken {
         let cancel = CancellationToken::new();
-        self.lock().insert(
-            attempt,
-            Entry {
-                cancel: cancel.clone(),
-                finished: false,
-            },
-        );
+        self.lock().insert(attempt, Entry { cancel: cancel.clone(), finished: false });
         cancel
     }
 

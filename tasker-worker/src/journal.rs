@@ -22,19 +22,13 @@ impl Journal {
     /// Opens (or creates) `path` for appending.
     pub fn open(path: &Path, instance: &str) -> std::io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Journal {
-            file: Mutex::new(file),
-            instance: instance.to_owned(),
-        })
+        Ok(Journal { file: Mutex::new(file), instance: instance.to_owned() })
     }
 
     /// Appends one invocation. A write error is logged, not fatal: the
     /// journal is an audit aid, not part of processing.
     pub fn record(&self, claim: &StepClaim) {
-        let line = format!(
-            "{} {} {} {}\n",
-            claim.step_uuid, claim.attempt, claim.handler, self.instance
-        );
+        let line = format!("{} {} {} {}\n", claim.step_uuid, claim.attempt, claim.handler, self.instance);
         let written = match self.file.lock() {
             Ok(mut file) => file.write_all(line.as_bytes()),
             Err(poisoned) => poisoned.into_inner().write_all(line.as_bytes()),

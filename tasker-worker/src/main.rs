@@ -9,11 +9,7 @@ use tasker_worker::handler::HandlerRegistry;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tasker-worker",
-    version,
-    about = "Tasker's worker service (built-in handlers)"
-)]
+#[command(name = "tasker-worker", version, about = "Tasker's worker service (built-in handlers)")]
 struct Cli {}
 
 fn main() -> std::process::ExitCode {

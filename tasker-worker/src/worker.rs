@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use tasker_shared::claim::{self, DiscoveredVia, StepClaim};
 use tasker_shared::discovery::{Backoff, Discovery};
+use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::identifier::Identifier;
 use tasker_shared::metrics;
 use tasker_shared::service::sleep_unless_shutdown;
@@ -47,6 +48,7 @@ pub struct Worker {
     registry: Arc<HandlerRegistry>,
     discovery: Discovery,
     journal: Option<Arc<Journal>>,
+    stats: SampledStatisticsCollector,
 }
 
 /// What each attempt task needs.
@@ -70,14 +72,9 @@ impl Worker {
         registry: HandlerRegistry,
         discovery: Discovery,
         journal: Option<Journal>,
+        stats: SampledStatisticsCollector,
     ) -> Self {
-        Worker {
-            pool,
-            config,
-            registry: Arc::new(registry),
-            discovery,
-            journal: journal.map(Arc::new),
-        }
+        Worker { pool, config, registry: Arc::new(registry), discovery, journal: journal.map(Arc::new), stats }
     }
 
     /// Runs until `shutdown`, then drains as described in the module docs.
@@ -91,6 +88,7 @@ impl Worker {
             self.config.id.clone(),
             outcome_rx,
             Arc::clone(&inflight),
+            self.stats.clone(),
         ));
         let stop_heartbeat = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(
@@ -124,19 +122,12 @@ impl Worker {
             }
         }
 
-        tracing::info!(
-            running = inflight.len(),
-            "worker stopped claiming; waiting for running attempts"
-        );
+        tracing::info!(running = inflight.len(), "worker stopped claiming; waiting for running attempts");
         let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
-        let finished =
-            tokio::time::timeout(self.config.shutdown_timeout, permits.acquire_many(all)).await;
+        let finished = tokio::time::timeout(self.config.shutdown_timeout, permits.acquire_many(all)).await;
         if finished.is_err() {
             let cancelled = inflight.cancel_all();
-            tracing::warn!(
-                cancelled,
-                "shutdown deadline passed; cancelled attempts are released for retry"
-            );
+            tracing::warn!(cancelled, "shutdown deadline passed; cancelled attempts are released for retry");
             let _ = tokio::time::timeout(Duration::from_secs(5), permits.acquire_many(all)).await;
         }
         drop(shared);
@@ -169,7 +160,13 @@ impl Worker {
                 self.config.lease,
             )
             .await?;
-            metrics::claim_duration("steps", started.elapsed());
+            let claim_elapsed = started.elapsed();
+            metrics::claim_duration("steps", claim_elapsed);
+            self.stats.record(Event::ClaimCycle, claim_elapsed).await;
+            for _ in &claims {
+                self.stats.record(Event::StepStarted, Duration::ZERO).await;
+            }
+            metrics::add_processing_time(started.elapsed());
             let drained = claims.len() < free;
             for claim in claims {
                 let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
@@ -241,14 +238,10 @@ async fn run_attempt(claim: StepClaim, shared: &Shared) {
             }
         }
     };
-    metrics::step_duration(&claim.handler, started.elapsed());
+    let elapsed = started.elapsed();
+    metrics::step_duration(&claim.handler, elapsed);
     shared.inflight.mark_finished(&attempt);
-    let outcome = Outcome {
-        attempt,
-        task_uuid: claim.task_uuid,
-        handler: claim.handler,
-        result,
-    };
+    let outcome = Outcome { attempt, task_uuid: claim.task_uuid, handler: claim.handler, result, elapsed };
     if shared.outcomes.send(outcome).await.is_err() {
         tracing::error!(step = %attempt.step_uuid, "completer stopped before the outcome was recorded");
     }
@@ -256,13 +249,7 @@ async fn run_attempt(claim: StepClaim, shared: &Shared) {
 
 /// Extends the leases of owned attempts every third of the lease; cancels
 /// attempts whose lease the database no longer grants.
-async fn heartbeat(
-    pool: PgPool,
-    worker_id: String,
-    inflight: Arc<InFlight>,
-    lease: Duration,
-    stop: CancellationToken,
-) {
+async fn heartbeat(pool: PgPool, worker_id: String, inflight: Arc<InFlight>, lease: Duration, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(lease / 3);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

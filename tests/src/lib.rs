@@ -40,9 +40,7 @@ impl TestDatabase {
         let admin_url = std::env::var("DATABASE_URL").context("DATABASE_URL (scripts/test sets it)")?;
         let name = format!("{prefix}_{}", Uuid::now_v7().simple());
         let mut admin = PgConnection::connect(&admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
         let options: PgConnectOptions = admin_url.parse::<PgConnectOptions>()?.database(&name);
         let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await?;
         tasker_shared::db::migrate(&pool).await?;
@@ -198,11 +196,8 @@ impl Deployment {
 
     /// An API client for the first orchestrator.
     pub fn api(&self) -> ApiClient {
-        let orchestrator = self
-            .services
-            .iter()
-            .find(|s| s.name.starts_with("orch"))
-            .expect("an orchestrator named orch*");
+        let orchestrator =
+            self.services.iter().find(|s| s.name.starts_with("orch")).expect("an orchestrator named orch*");
         ApiClient::new(orchestrator.base_url(), None)
     }
 

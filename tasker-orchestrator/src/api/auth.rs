@@ -21,22 +21,13 @@ impl Token {
 }
 
 /// Rejects requests without `Authorization: Bearer <token>` (401, JSON).
-pub(super) async fn require_bearer(
-    State(token): State<Token>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let presented = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+pub(super) async fn require_bearer(State(token): State<Token>, request: Request, next: Next) -> Response {
+    let presented =
+        request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), token.0.as_bytes()) => next.run(request).await,
         Some(_) => ApiError::Unauthorized("invalid bearer token".into()).into_response(),
-        None => {
-            ApiError::Unauthorized("missing Authorization: Bearer <token>".into()).into_response()
-        }
+        None => ApiError::Unauthorized("missing Authorization: Bearer <token>".into()).into_response(),
     }
 }
 

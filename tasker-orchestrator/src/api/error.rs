@@ -58,11 +58,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status(),
-            Json(serde_json::json!({"error": self.to_string()})),
-        )
-            .into_response()
+        (self.status(), Json(serde_json::json!({"error": self.to_string()}))).into_response()
     }
 }
 
@@ -89,12 +85,8 @@ impl From<tasker_shared::Error> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
-            JsonRejection::JsonDataError(e) => {
-                ApiError::Unprocessable(format!("invalid request: {}", e.body_text()))
-            }
-            JsonRejection::JsonSyntaxError(e) => {
-                ApiError::BadRequest(format!("malformed JSON: {}", e.body_text()))
-            }
+            JsonRejection::JsonDataError(e) => ApiError::Unprocessable(format!("invalid request: {}", e.body_text())),
+            JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(format!("malformed JSON: {}", e.body_text())),
             JsonRejection::MissingJsonContentType(_) => {
                 ApiError::UnsupportedMediaType("expected Content-Type: application/json".into())
             }

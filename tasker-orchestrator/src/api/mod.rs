@@ -29,15 +29,14 @@ pub struct ApiState {
     pub pool: PgPool,
     /// Recorded as the actor of transitions the API causes.
     pub actor: String,
+    /// Statistics (task creation).
+    pub stats: tasker_shared::event_system::SampledStatisticsCollector,
 }
 
 /// The `/v1` routes, with body limit and optional bearer-token auth.
 pub fn router(state: ApiState, max_body_bytes: usize, api_token: Option<String>) -> Router {
     let routes = Router::new()
-        .route(
-            "/v1/templates",
-            post(templates::publish).get(templates::list),
-        )
+        .route("/v1/templates", post(templates::publish).get(templates::list))
         .route("/v1/tasks", post(tasks::submit))
         .route("/v1/tasks/batch", post(tasks::submit_batch))
         .route("/v1/tasks/{task_uuid}", get(tasks::show))
@@ -45,10 +44,9 @@ pub fn router(state: ApiState, max_body_bytes: usize, api_token: Option<String>)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state);
     match api_token {
-        Some(token) => routes.layer(axum::middleware::from_fn_with_state(
-            auth::Token::new(token),
-            auth::require_bearer,
-        )),
+        Some(token) => {
+            routes.layer(axum::middleware::from_fn_with_state(auth::Token::new(token), auth::require_bearer))
+        }
         None => routes,
     }
 }

@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
+use tasker_shared::event_system::Event;
 use tasker_shared::identifier::Identifier;
 use tasker_shared::metrics;
 use tasker_shared::tasks::{self, CreatedTask, NewTask};
@@ -34,9 +35,7 @@ impl SubmitTask {
         let at = index.map(|i| format!("tasks[{i}]: ")).unwrap_or_default();
         let context = self.context.unwrap_or_else(|| serde_json::json!({}));
         if !context.is_object() {
-            return Err(ApiError::Unprocessable(format!(
-                "{at}context must be a JSON object"
-            )));
+            return Err(ApiError::Unprocessable(format!("{at}context must be a JSON object")));
         }
         if let Some(key) = &self.idempotency_key
             && (key.is_empty() || key.len() > 255)
@@ -72,11 +71,7 @@ pub(super) async fn submit(
 ) -> Result<impl IntoResponse, ApiError> {
     let created = create(&state, vec![request.into_new_task(None)?]).await?;
     let task = created.into_iter().next().ok_or(ApiError::Internal)?;
-    let status = if task.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if task.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, axum::Json(task)))
 }
 
@@ -92,35 +87,30 @@ pub(super) async fn submit_batch(
             batch.tasks.len()
         )));
     }
-    let requests = batch
-        .tasks
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| t.into_new_task(Some(i)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let requests =
+        batch.tasks.into_iter().enumerate().map(|(i, t)| t.into_new_task(Some(i))).collect::<Result<Vec<_>, _>>()?;
     let created = create(&state, requests).await?;
     let body: Vec<serde_json::Value> = created
         .iter()
         .map(|t| serde_json::json!({"task_uuid": t.task_uuid, "state": t.state, "created": t.created}))
         .collect();
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(serde_json::json!({ "tasks": body })),
-    ))
+    Ok((StatusCode::CREATED, axum::Json(serde_json::json!({ "tasks": body }))))
 }
 
 async fn create(state: &ApiState, requests: Vec<NewTask>) -> Result<Vec<CreatedTask>, ApiError> {
-    let mut tx = state
-        .pool
-        .begin()
-        .await
-        .map_err(tasker_shared::Error::from)?;
+    let started = std::time::Instant::now();
+    let mut tx = state.pool.begin().await.map_err(tasker_shared::Error::from)?;
     let created = tasks::create_tasks(&mut tx, &state.actor, &requests).await?;
     tx.commit().await.map_err(tasker_shared::Error::from)?;
     let new = created.iter().filter(|t| t.created).count() as u64;
     if new > 0 {
         metrics::tasks_made_ready("created", new);
         metrics::notifications_sent("tasks", 1);
+        let elapsed = started.elapsed();
+        for _ in 0..new {
+            state.stats.record(Event::TaskCreated, elapsed).await;
+        }
+        state.stats.record(Event::NotificationSent, elapsed).await;
     }
     Ok(created)
 }
@@ -131,11 +121,7 @@ pub(super) async fn show(
     path: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Path(task_uuid) = path?;
-    let mut conn = state
-        .pool
-        .acquire()
-        .await
-        .map_err(tasker_shared::Error::from)?;
+    let mut conn = state.pool.acquire().await.map_err(tasker_shared::Error::from)?;
     match tasks::get_task(&mut conn, task_uuid).await? {
         Some(task) => Ok(axum::Json(task)),
         None => Err(ApiError::NotFound(format!("task not found: {task_uuid}"))),
@@ -153,10 +139,7 @@ pub(super) async fn cancel(
     let reason = "cancelled through the API";
     match tasks::cancel_task(&state.pool, task_uuid, &state.actor, reason).await? {
         None => Err(ApiError::NotFound(format!("task not found: {task_uuid}"))),
-        Some(c) if !c.cancelled => Err(ApiError::Conflict(format!(
-            "task {task_uuid} is already {}",
-            c.state
-        ))),
+        Some(c) if !c.cancelled => Err(ApiError::Conflict(format!("task {task_uuid} is already {}", c.state))),
         Some(c) => {
             tracing::info!(task = %task_uuid, steps = c.steps_cancelled, "task cancelled");
             Ok(axum::Json(serde_json::json!({

@@ -14,14 +14,8 @@ pub(super) async fn publish(
     State(state): State<ApiState>,
     Json(template): Json<TaskTemplate>,
 ) -> Result<impl IntoResponse, ApiError> {
-    template
-        .validate()
-        .map_err(|e| ApiError::Unprocessable(format!("invalid template: {e}")))?;
-    let mut tx = state
-        .pool
-        .begin()
-        .await
-        .map_err(tasker_shared::Error::from)?;
+    template.validate().map_err(|e| ApiError::Unprocessable(format!("invalid template: {e}")))?;
+    let mut tx = state.pool.begin().await.map_err(tasker_shared::Error::from)?;
     let outcome = template::publish_template(&mut tx, &template).await?;
     tx.commit().await.map_err(tasker_shared::Error::from)?;
     let status = match outcome {

@@ -27,13 +27,6 @@ pub struct InvalidTransition {
 }
 
 /// Looks `(from, event)` up in a transition table.
-fn lookup<S: Copy + PartialEq, E: Copy + PartialEq>(
-    table: &[(S, E, S)],
-    from: S,
-    event: E,
-) -> Option<S> {
-    table
-        .iter()
-        .find(|(f, e, _)| *f == from && *e == event)
-        .map(|&(_, _, to)| to)
+fn lookup<S: Copy + PartialEq, E: Copy + PartialEq>(table: &[(S, E, S)], from: S, event: E) -> Option<S> {
+    table.iter().find(|(f, e, _)| *f == from && *e == event).map(|&(_, _, to)| to)
 }

@@ -201,12 +201,7 @@ impl TaskTemplate {
             OnPath,
             Done,
         }
-        let index: HashMap<&str, usize> = self
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
+        let index: HashMap<&str, usize> = self.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
         let mut marks = vec![Mark::Unvisited; self.steps.len()];
 
         for root in 0..self.steps.len() {
@@ -234,10 +229,8 @@ impl TaskTemplate {
                         // path runs from dependents to dependencies; the cycle is the
                         // part of it from `dep` onwards. Report it in execution order.
                         let start = path.iter().position(|(s, _)| *s == dep).unwrap_or(0);
-                        let mut cycle: Vec<String> = path[start..]
-                            .iter()
-                            .map(|(s, _)| self.steps[*s].name.to_string())
-                            .collect();
+                        let mut cycle: Vec<String> =
+                            path[start..].iter().map(|(s, _)| self.steps[*s].name.to_string()).collect();
                         cycle.reverse();
                         cycle.push(cycle[0].clone());
                         return Some(cycle);
@@ -257,9 +250,7 @@ impl TaskTemplate {
         while order.len() < self.steps.len() {
             let before = order.len();
             for step in &self.steps {
-                if !done.contains(step.name.as_str())
-                    && step.depends_on.iter().all(|d| done.contains(d.as_str()))
-                {
+                if !done.contains(step.name.as_str()) && step.depends_on.iter().all(|d| done.contains(d.as_str())) {
                     done.insert(step.name.as_str());
                     order.push(step);
                 }
@@ -288,12 +279,7 @@ impl TaskTemplate {
             steps: Vec<StepTemplate>,
         }
         let Definition { steps } = serde_json::from_value(definition)?;
-        Ok(TaskTemplate {
-            namespace,
-            name,
-            version,
-            steps,
-        })
+        Ok(TaskTemplate { namespace, name, version, steps })
     }
 
     /// For each step name, the names of the steps that depend on it.
@@ -301,9 +287,7 @@ impl TaskTemplate {
         let mut map: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for step in &self.steps {
             for dep in &step.depends_on {
-                map.entry(dep.as_str())
-                    .or_default()
-                    .push(step.name.as_str());
+                map.entry(dep.as_str()).or_default().push(step.name.as_str());
             }
         }
         map
@@ -319,13 +303,7 @@ impl StepTemplate {
         ];
         for (field, found, min, max) in ranges {
             if !(min..=max).contains(&found) {
-                return Err(TemplateError::OutOfRange {
-                    step: self.name.to_string(),
-                    field,
-                    min,
-                    max,
-                    found,
-                });
+                return Err(TemplateError::OutOfRange { step: self.name.to_string(), field, min, max, found });
             }
         }
         if !self.config.is_object() {
@@ -353,11 +331,7 @@ impl FromStr for Version {
             }
             part.parse().map_err(|_| invalid())
         };
-        let version = Version {
-            major: next()?,
-            minor: next()?,
-            patch: next()?,
-        };
+        let version = Version { major: next()?, minor: next()?, patch: next()? };
         if parts.next().is_some() {
             return Err(invalid());
         }
@@ -379,9 +353,7 @@ impl Serialize for Version {
 
 impl<'de> Deserialize<'de> for Version {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -392,9 +364,7 @@ mod tests {
     fn template(steps: &[(&str, &[&str])]) -> TaskTemplate {
         let steps = steps
             .iter()
-            .map(|(name, deps)| {
-                serde_json::json!({"name": name, "handler": "noop", "depends_on": deps})
-            })
+            .map(|(name, deps)| serde_json::json!({"name": name, "handler": "noop", "depends_on": deps}))
             .collect::<Vec<_>>();
         serde_json::from_value(serde_json::json!({
             "namespace": "test", "name": "t", "version": "1.0.0", "steps": steps
@@ -406,11 +376,7 @@ mod tests {
     fn a_diamond_is_valid_and_ordered_by_dependencies() {
         let t = template(&[("d", &["b", "c"]), ("b", &["a"]), ("c", &["a"]), ("a", &[])]);
         t.validate().expect("valid");
-        let order: Vec<_> = t
-            .topological_order()
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
+        let order: Vec<_> = t.topological_order().iter().map(|s| s.name.as_str()).collect();
         assert_eq!(order, ["a", "b", "c", "d"]);
     }
 
@@ -418,9 +384,7 @@ mod tests {
     fn a_cycle_is_rejected_with_the_steps_on_it() {
         let t = template(&[("a", &[]), ("b", &["a", "d"]), ("c", &["b"]), ("d", &["c"])]);
         let err = t.validate().expect_err("cycle");
-        let TemplateError::Cycle(cycle) = &err else {
-            panic!("expected a cycle, got {err}")
-        };
+        let TemplateError::Cycle(cycle) = &err else { panic!("expected a cycle, got {err}") };
         assert_eq!(cycle.first(), cycle.last());
         let mut on_cycle: Vec<_> = cycle[1..].to_vec();
         on_cycle.sort();
@@ -431,37 +395,20 @@ mod tests {
     #[test]
     fn an_unknown_dependency_is_named() {
         let t = template(&[("a", &[]), ("b", &["ghost"])]);
-        assert_eq!(
-            t.validate().expect_err("dangling").to_string(),
-            "step `b` depends on unknown step `ghost`"
-        );
+        assert_eq!(t.validate().expect_err("dangling").to_string(), "step `b` depends on unknown step `ghost`");
     }
 
     #[test]
     fn duplicate_names_self_dependencies_and_ranges_are_rejected() {
         let dup = template(&[("a", &[]), ("a", &[])]);
-        assert_eq!(
-            dup.validate(),
-            Err(TemplateError::DuplicateStep("a".into()))
-        );
+        assert_eq!(dup.validate(), Err(TemplateError::DuplicateStep("a".into())));
 
         let selfdep = template(&[("a", &["a"])]);
-        assert!(matches!(
-            selfdep.validate(),
-            Err(TemplateError::BadDependency {
-                problem: "on itself",
-                ..
-            })
-        ));
+        assert!(matches!(selfdep.validate(), Err(TemplateError::BadDependency { problem: "on itself", .. })));
 
         let mut t = template(&[("a", &[])]);
         t.steps[0].max_attempts = 0;
-        assert!(
-            t.validate()
-                .expect_err("range")
-                .to_string()
-                .contains("max_attempts")
-        );
+        assert!(t.validate().expect_err("range").to_string().contains("max_attempts"));
 
         let empty = template(&[]);
         assert_eq!(empty.validate(), Err(TemplateError::NoSteps));

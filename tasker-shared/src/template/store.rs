@@ -33,10 +33,7 @@ pub enum PublishOutcome {
 /// version is a [`Error::Conflict`]: published versions are immutable.
 ///
 /// Two statements; run it in a transaction to make it atomic.
-pub async fn publish_template(
-    conn: &mut sqlx::PgConnection,
-    template: &TaskTemplate,
-) -> Result<PublishOutcome> {
+pub async fn publish_template(conn: &mut sqlx::PgConnection, template: &TaskTemplate) -> Result<PublishOutcome> {
     template.validate()?;
     let definition = template.definition();
     let version = template.version.to_string();
@@ -64,14 +61,9 @@ pub async fn publish_template(
         return Ok(PublishOutcome::Created);
     }
 
-    let existing = find_template(
-        &mut *conn,
-        &template.namespace,
-        &template.name,
-        Some(template.version),
-    )
-    .await?
-    .ok_or_else(|| Error::Conflict("template version was deleted while publishing".into()))?;
+    let existing = find_template(&mut *conn, &template.namespace, &template.name, Some(template.version))
+        .await?
+        .ok_or_else(|| Error::Conflict("template version was deleted while publishing".into()))?;
     if existing.template.definition() == definition {
         Ok(PublishOutcome::Unchanged)
     } else {
@@ -102,17 +94,7 @@ pub async fn find_template(
     )
     .fetch_optional(executor)
     .await?;
-    row.map(|r| {
-        stored(
-            r.template_id,
-            &r.namespace,
-            &r.name,
-            &r.version,
-            r.definition,
-            r.created_at,
-        )
-    })
-    .transpose()
+    row.map(|r| stored(r.template_id, &r.namespace, &r.name, &r.version, r.definition, r.created_at)).transpose()
 }
 
 /// Every published template version, by namespace, name and version.
@@ -125,16 +107,7 @@ pub async fn list_templates(executor: impl PgExecutor<'_>) -> Result<Vec<StoredT
     .fetch_all(executor)
     .await?;
     rows.into_iter()
-        .map(|r| {
-            stored(
-                r.template_id,
-                &r.namespace,
-                &r.name,
-                &r.version,
-                r.definition,
-                r.created_at,
-            )
-        })
+        .map(|r| stored(r.template_id, &r.namespace, &r.name, &r.version, r.definition, r.created_at))
         .collect()
 }
 
@@ -146,11 +119,7 @@ fn stored(
     definition: serde_json::Value,
     created_at: DateTime<Utc>,
 ) -> Result<StoredTemplate> {
-    let corrupt = |what: String| {
-        Error::Conflict(format!(
-            "stored template {template_id} is unreadable: {what}"
-        ))
-    };
+    let corrupt = |what: String| Error::Conflict(format!("stored template {template_id} is unreadable: {what}"));
     let template = TaskTemplate::from_stored(
         namespace.parse().map_err(|e| corrupt(format!("{e}")))?,
         name.parse().map_err(|e| corrupt(format!("{e}")))?,
@@ -158,9 +127,5 @@ fn stored(
         definition,
     )
     .map_err(|e| corrupt(e.to_string()))?;
-    Ok(StoredTemplate {
-        template_id,
-        template,
-        created_at,
-    })
+    Ok(StoredTemplate { template_id, template, created_at })
 }

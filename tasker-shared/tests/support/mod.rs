@@ -19,9 +19,7 @@ pub const LEASE: Duration = Duration::from_secs(30);
 pub fn template(namespace: &str, name: &str, steps: &[(&str, &[&str])]) -> TaskTemplate {
     let steps: Vec<_> = steps
         .iter()
-        .map(
-            |(step, deps)| serde_json::json!({"name": step, "handler": "noop", "depends_on": deps}),
-        )
+        .map(|(step, deps)| serde_json::json!({"name": step, "handler": "noop", "depends_on": deps}))
         .collect();
     serde_json::from_value(serde_json::json!({
         "namespace": namespace, "name": name, "version": "1.0.0", "steps": steps
@@ -30,11 +28,7 @@ pub fn template(namespace: &str, name: &str, steps: &[(&str, &[&str])]) -> TaskT
 }
 
 pub fn diamond(namespace: &str) -> TaskTemplate {
-    template(
-        namespace,
-        "diamond",
-        &[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["b", "c"])],
-    )
+    template(namespace, "diamond", &[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["b", "c"])])
 }
 
 pub fn single(namespace: &str) -> TaskTemplate {
@@ -43,9 +37,7 @@ pub fn single(namespace: &str) -> TaskTemplate {
 
 pub async fn publish(pool: &PgPool, template: &TaskTemplate) {
     let mut tx = pool.begin().await.expect("begin");
-    template::publish_template(&mut tx, template)
-        .await
-        .expect("publish");
+    template::publish_template(&mut tx, template).await.expect("publish");
     tx.commit().await.expect("commit");
 }
 
@@ -66,9 +58,7 @@ pub async fn submit(pool: &PgPool, template: &TaskTemplate, n: usize) -> Vec<Uui
     let requests: Vec<NewTask> = (0..n).map(|_| new_task(template)).collect();
     for chunk in requests.chunks(tasks::MAX_BATCH) {
         let mut tx = pool.begin().await.expect("begin");
-        let created = tasks::create_tasks(&mut tx, "test", chunk)
-            .await
-            .expect("create");
+        let created = tasks::create_tasks(&mut tx, "test", chunk).await.expect("create");
         tx.commit().await.expect("commit");
         ids.extend(created.into_iter().map(|c| c.task_uuid));
     }
@@ -76,9 +66,7 @@ pub async fn submit(pool: &PgPool, template: &TaskTemplate, n: usize) -> Vec<Uui
 }
 
 pub async fn claim_all(pool: &PgPool, orchestrator: &str) -> Vec<TaskClaim> {
-    claim::claim_ready_tasks(pool, orchestrator, 1000, LEASE, DiscoveredVia::Poll)
-        .await
-        .expect("claim")
+    claim::claim_ready_tasks(pool, orchestrator, 1000, LEASE, DiscoveredVia::Poll).await.expect("claim")
 }
 
 /// Claims due tasks, enqueues their runnable steps and releases them: the part
@@ -86,18 +74,12 @@ pub async fn claim_all(pool: &PgPool, orchestrator: &str) -> Vec<TaskClaim> {
 pub async fn enqueue_pass(pool: &PgPool, orchestrator: &str) -> Vec<EnqueuedStep> {
     let claims = claim_all(pool, orchestrator).await;
     let mut tx = pool.begin().await.expect("begin");
-    orchestration::lock_claimed_tasks(&mut tx, orchestrator, &claims)
-        .await
-        .expect("lock");
-    let enqueued = orchestration::enqueue_ready_steps(&mut *tx, orchestrator, &claims)
-        .await
-        .expect("enqueue");
+    orchestration::lock_claimed_tasks(&mut tx, orchestrator, &claims).await.expect("lock");
+    let enqueued = orchestration::enqueue_ready_steps(&mut *tx, orchestrator, &claims).await.expect("enqueue");
     // Tasks whose first steps were just enqueued start (the orchestrator's rule).
     let started: Vec<orchestration::TaskTransition> = claims
         .iter()
-        .filter(|c| {
-            c.state == TaskState::Pending && enqueued.iter().any(|e| e.task_uuid == c.task_uuid)
-        })
+        .filter(|c| c.state == TaskState::Pending && enqueued.iter().any(|e| e.task_uuid == c.task_uuid))
         .map(|c| orchestration::TaskTransition {
             task_uuid: c.task_uuid,
             claim_seq: c.claim_seq,
@@ -106,21 +88,15 @@ pub async fn enqueue_pass(pool: &PgPool, orchestrator: &str) -> Vec<EnqueuedStep
             reason: "steps enqueued".into(),
         })
         .collect();
-    orchestration::transition_tasks(&mut *tx, orchestrator, &started)
-        .await
-        .expect("start");
+    orchestration::transition_tasks(&mut *tx, orchestrator, &started).await.expect("start");
     let releases: Vec<Release> = claims.iter().map(|c| Release::of(c, None)).collect();
-    claim::release_task_claims(&mut *tx, orchestrator, &releases)
-        .await
-        .expect("release");
+    claim::release_task_claims(&mut *tx, orchestrator, &releases).await.expect("release");
     tx.commit().await.expect("commit");
     enqueued
 }
 
 pub async fn claim_steps(pool: &PgPool, worker: &str, limit: i32) -> Vec<StepClaim> {
-    claim::claim_steps(pool, worker, None, limit, LEASE)
-        .await
-        .expect("claim steps")
+    claim::claim_steps(pool, worker, None, limit, LEASE).await.expect("claim steps")
 }
 
 pub async fn step_state(conn: impl sqlx::PgExecutor<'_>, task: Uuid, name: &str) -> StepState {
@@ -135,13 +111,10 @@ pub async fn step_state(conn: impl sqlx::PgExecutor<'_>, task: Uuid, name: &str)
 }
 
 pub async fn task_state(conn: impl sqlx::PgExecutor<'_>, task: Uuid) -> TaskState {
-    sqlx::query_scalar!(
-        r#"SELECT state AS "state: TaskState" FROM tasker.tasks WHERE task_uuid = $1"#,
-        task
-    )
-    .fetch_one(conn)
-    .await
-    .expect("task exists")
+    sqlx::query_scalar!(r#"SELECT state AS "state: TaskState" FROM tasker.tasks WHERE task_uuid = $1"#, task)
+        .fetch_one(conn)
+        .await
+        .expect("task exists")
 }
 
 /// Makes time pass for leases: moves every step lease and task claim of `task`
@@ -168,11 +141,6 @@ pub async fn expire_leases(conn: &mut PgConnection, task: Uuid) {
 }
 
 pub async fn assert_invariants(pool: &PgPool) {
-    let violations = tasker_shared::invariants::violations(pool)
-        .await
-        .expect("invariants");
-    assert!(
-        violations.is_empty(),
-        "invariants violated: {violations:#?}"
-    );
+    let violations = tasker_shared::invariants::violations(pool).await.expect("invariants");
+    assert!(violations.is_empty(), "invariants violated: {violations:#?}");
 }
