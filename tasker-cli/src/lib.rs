@@ -8,7 +8,9 @@
 //! | reading `/metrics` back | [`metrics`] |
 //! | the task API client | [`client`] |
 //! | `tasker demo` | [`demo`] |
+//! | `tasker bench` | [`bench`] |
 
+pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod local_postgres;

@@ -36,6 +36,14 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         timeout_secs: u64,
     },
+    /// Run a benchmark (prints a table; `--json FILE` also writes the numbers).
+    Bench {
+        #[command(subcommand)]
+        workload: BenchWorkload,
+        /// Also write the results as JSON to this file.
+        #[arg(long, global = true)]
+        json: Option<std::path::PathBuf>,
+    },
     /// Submit a task and print its uuid.
     Submit {
         /// Template namespace.
@@ -76,6 +84,16 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum BenchWorkload {
+    /// What statistics cost: the same workload with statistics off, synchronous and sampled.
+    Statistics {
+        /// Diamond tasks per mode (four steps each).
+        #[arg(long, default_value_t = 5000)]
+        tasks: usize,
+    },
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -98,6 +116,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: Duration::from_secs(timeout_secs),
             })
             .await
+        }
+        Command::Bench { workload, json } => {
+            let mut postgres = None;
+            let admin_url = match std::env::var("DATABASE_URL") {
+                Ok(url) => url,
+                Err(_) => {
+                    eprintln!("starting a throwaway PostgreSQL...");
+                    let pg = tasker_cli::local_postgres::LocalPostgres::start()?;
+                    let url = pg.url();
+                    postgres = Some(pg);
+                    url
+                }
+            };
+            let result = match workload {
+                BenchWorkload::Statistics { tasks } => {
+                    let options = tasker_cli::bench::statistics::Options { tasks, admin_url };
+                    tasker_cli::bench::statistics::run(options).await.and_then(|r| Ok(serde_json::to_value(r)?))
+                }
+            };
+            drop(postgres);
+            let report = result?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
         }
         Command::Submit { namespace, name, version, context, priority, idempotency_key, wait } => {
             let context: serde_json::Value = serde_json::from_str(&context).context("--context must be JSON")?;
