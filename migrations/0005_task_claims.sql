@@ -1,11 +1,28 @@
 -- Orchestrator-side claiming: ready tasks, lease extension and release, and
 -- the single decision point for finalization.
 
+-- How tasks were found when not by a notification: every claim made by a poll,
+-- a catch-up sweep or a timer, with how long the work had waited. Claims made
+-- by notifications (the normal case) are not logged; metrics count them. This
+-- is the record an operator (and the PG_NOTIFY miss test) checks misses against.
+CREATE TABLE tasker.task_discoveries (
+    task_uuid      uuid NOT NULL REFERENCES tasker.tasks (task_uuid) ON DELETE CASCADE,
+    claim_seq      bigint NOT NULL,
+    claimed_by     text NOT NULL,
+    discovered_via text NOT NULL CONSTRAINT discovered_via_known CHECK (discovered_via IN ('poll', 'sweep', 'timer')),
+    ready_since    timestamptz,
+    claimed_at     timestamptz NOT NULL,
+    -- the claim took over an expired one: the wait was a dead orchestrator's
+    took_over      boolean NOT NULL,
+    PRIMARY KEY (task_uuid, claim_seq)
+);
+CREATE INDEX task_discoveries_claimed_idx ON tasker.task_discoveries (claimed_at);
+
 -- Tasks whose orchestration is due now and not held by an unexpired claim. A
 -- task woken while claimed looks due (ready_at <= now()) but its lease still
 -- holds. Served by tasks_due_idx alone: finished tasks are not in that index.
 CREATE VIEW tasker.due_tasks AS
-    SELECT t.task_uuid, t.namespace, t.priority, t.ready_at, t.ready_since
+    SELECT t.task_uuid, t.namespace, t.priority, t.ready_at, t.ready_since, t.claimed_by
     FROM tasker.tasks t
     WHERE t.ready_at <= now()
       AND (t.claim_expires_at IS NULL OR t.claim_expires_at <= now());
@@ -29,7 +46,8 @@ CREATE FUNCTION tasker.claim_ready_tasks(
     claimed_at     timestamptz,
     claim_seq      bigint,
     wake_seq       bigint,
-    created_at     timestamptz
+    created_at     timestamptz,
+    took_over      boolean
 )
     LANGUAGE plpgsql AS $$
 BEGIN
@@ -46,7 +64,8 @@ BEGIN
     RETURN QUERY
     WITH due AS (
         -- Locks the tasks rows themselves (the view is expanded in place).
-        SELECT d.task_uuid
+        -- took_over: the previous claim expired (its orchestrator died or hung).
+        SELECT d.task_uuid, d.claimed_by IS NOT NULL AS took_over
         FROM tasker.due_tasks d
         ORDER BY d.priority DESC, d.ready_at
         LIMIT p_limit
@@ -63,11 +82,17 @@ BEGIN
         FROM due
         WHERE t.task_uuid = due.task_uuid
         RETURNING t.task_uuid, t.namespace, t.state, t.priority, t.ready_since, t.claim_seq, t.wake_seq,
-                  t.created_at
+                  t.created_at, due.took_over
+    ), logged AS (
+        INSERT INTO tasker.task_discoveries
+            (task_uuid, claim_seq, claimed_by, discovered_via, ready_since, claimed_at, took_over)
+        SELECT c.task_uuid, c.claim_seq, p_orchestrator_id, p_discovered_via, c.ready_since, now(), c.took_over
+        FROM claimed c
+        WHERE p_discovered_via <> 'event'
     )
     -- in the order they were chosen
     SELECT c.task_uuid, c.namespace, c.state, c.priority, c.ready_since, now(), c.claim_seq, c.wake_seq,
-           c.created_at
+           c.created_at, c.took_over
     FROM claimed c
     ORDER BY c.priority DESC, c.ready_since;
 END
@@ -234,4 +259,23 @@ BEGIN
 
     RETURN QUERY SELECT p_task_uuid, true, final_state, 'finalized';
 END
+$$;
+
+-- Due work nobody has claimed for longer than p_older_than: the periodic check
+-- that finds missed notifications even where no instance polls. Reads only the
+-- due-work index.
+CREATE FUNCTION tasker.overdue_tasks(p_older_than interval) RETURNS bigint
+    LANGUAGE sql STABLE
+    RETURN (SELECT count(*) FROM tasker.due_tasks d WHERE d.ready_at < now() - p_older_than);
+
+-- Due-work depth per namespace: tasks due for orchestration and steps waiting
+-- for a worker. Reads only the two due-work indexes.
+CREATE FUNCTION tasker.due_work_by_namespace()
+RETURNS TABLE (namespace text, due_tasks bigint, enqueued_steps bigint)
+    LANGUAGE sql STABLE AS $$
+    SELECT n.name,
+           (SELECT count(*) FROM tasker.due_tasks d WHERE d.namespace = n.name),
+           (SELECT count(*) FROM tasker.workflow_steps s WHERE s.state = 'enqueued' AND s.namespace = n.name)
+    FROM tasker.namespaces n
+    ORDER BY n.name;
 $$;

@@ -86,12 +86,12 @@ mod tests {
         let text = "# HELP x y\n# TYPE tasker_tasks_discovered_total counter\n\
             tasker_tasks_discovered_total{via=\"event\"} 7\n\
             tasker_tasks_discovered_total{via=\"poll\"} 3\n\
-            tasker_info{service=\"worker\",mode=\"Hybrid\",instance=\"a,b\"} 1\n\
+            tasker_info{service=\"worker\",mode=\"Hybrid\",instance_id=\"a,b\"} 1\n\
             plain 2.5\n";
         let m = Metrics::parse(text);
         assert_eq!(m.sum("tasker_tasks_discovered_total", &[]), 10.0);
         assert_eq!(m.sum("tasker_tasks_discovered_total", &[("via", "poll")]), 3.0);
-        assert_eq!(m.sum("tasker_info", &[("instance", "a,b"), ("mode", "Hybrid")]), 1.0);
+        assert_eq!(m.sum("tasker_info", &[("instance_id", "a,b"), ("mode", "Hybrid")]), 1.0);
         assert_eq!(m.sum("plain", &[]), 2.5);
     }
 }

@@ -17,6 +17,7 @@ use tasker_shared::discovery::{Backoff, Discovery};
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::finalize;
 use tasker_shared::metrics::{self, names};
+use tasker_shared::monitoring::PgNotifyMonitor;
 use tasker_shared::orchestration::{self, StepSummary, TaskTransition};
 use tasker_shared::retry::BackoffPolicy;
 use tasker_shared::service::sleep_unless_shutdown;
@@ -35,6 +36,7 @@ pub struct Orchestrator {
     claim_timeout: Duration,
     discovery: Discovery,
     stats: SampledStatisticsCollector,
+    monitor: PgNotifyMonitor,
 }
 
 /// What a pass over one batch found out.
@@ -63,6 +65,7 @@ impl Orchestrator {
         claim_timeout: Duration,
         discovery: Discovery,
         stats: SampledStatisticsCollector,
+        monitor: PgNotifyMonitor,
     ) -> Self {
         Orchestrator {
             pool,
@@ -71,6 +74,7 @@ impl Orchestrator {
             claim_timeout,
             discovery,
             stats,
+            monitor,
         }
     }
 
@@ -108,9 +112,7 @@ impl Orchestrator {
                 break;
             }
             for c in &claims {
-                let lag = c.discovery_lag();
-                metrics::task_discovered(via, lag);
-                self.stats.record(Event::TaskClaimed, lag).await;
+                self.monitor.record_discovery(c, via).await;
             }
             let full = claims.len() == usize::try_from(self.claim_batch).unwrap_or(usize::MAX);
             let outcome = match self.orchestrate(&claims).await {

@@ -10,6 +10,7 @@ use tasker_shared::db::{self, PoolSettings};
 use tasker_shared::discovery::{Channels, Discovery, DiscoveryConfig};
 use tasker_shared::event_system::SampledStatisticsCollector;
 use tasker_shared::maintenance;
+use tasker_shared::monitoring::{PgNotifyMonitor, pg_notify_monitor};
 use tasker_shared::service::{bind_http, retry_until, serve_http};
 use tasker_shared::template::{self, PublishOutcome, TaskTemplate};
 use tasker_shared::{http, metrics};
@@ -74,6 +75,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             poll_interval: settings.poll_interval(),
             channels: Channels::Tasks,
             ping_interval: std::time::Duration::from_millis(settings.listener_ping_ms),
+            reconnect_delay: std::time::Duration::from_millis(settings.listener_reconnect_ms),
             database_url: settings.database_url().to_owned(),
             listener_name: format!("{id}:listener"),
             statistics: stats.clone(),
@@ -88,7 +90,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.orchestrator.claim_timeout(),
         discovery.clone(),
         stats.clone(),
+        PgNotifyMonitor::new(&settings.monitoring, stats.clone()),
     );
+    let checks =
+        tokio::spawn(pg_notify_monitor::run_checks(pool.clone(), settings.monitoring.clone(), shutdown.clone()));
     let orchestration = tokio::spawn(orchestrator.run(shutdown.clone()));
     let rescue = tokio::spawn(rescuer::run(
         pool.clone(),
@@ -118,6 +123,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         let _ = rescue.await;
         let _ = server.await;
         let _ = upkeep.await;
+        let _ = checks.await;
         stats_stop.cancel();
         if let Some(writer) = stats_writer {
             writer.finished().await;

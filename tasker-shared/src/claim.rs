@@ -57,6 +57,9 @@ pub struct TaskClaim {
     pub wake_seq: i64,
     /// When the task was submitted.
     pub created_at: DateTime<Utc>,
+    /// The previous claim had expired: its orchestrator died or hung, and the
+    /// discovery lag includes that wait.
+    pub took_over: bool,
 }
 
 impl TaskClaim {
@@ -79,7 +82,7 @@ pub async fn claim_ready_tasks(
         r#"SELECT task_uuid AS "task_uuid!", namespace AS "namespace!",
                   state AS "state!: TaskState", priority AS "priority!", ready_since,
                   claimed_at AS "claimed_at!", claim_seq AS "claim_seq!", wake_seq AS "wake_seq!",
-                  created_at AS "created_at!"
+                  created_at AS "created_at!", took_over AS "took_over!"
            FROM tasker.claim_ready_tasks($1, $2, $3, $4)"#,
         orchestrator_id,
         limit,

@@ -102,6 +102,9 @@ pub struct Settings {
     /// `TASKER_LISTENER_PING_MS`: a silent LISTEN connection is pinged this often,
     /// so a half-open connection is found and replaced.
     pub listener_ping_ms: u64,
+    /// `TASKER_LISTENER_RECONNECT_MS`: the first wait before re-establishing a
+    /// lost LISTEN connection (doubling, up to 5 s, while it keeps failing).
+    pub listener_reconnect_ms: u64,
     /// Orchestrator settings.
     pub orchestrator: OrchestratorSettings,
     /// Worker settings.
@@ -110,6 +113,8 @@ pub struct Settings {
     pub statistics: StatisticsSettings,
     /// Maintenance (partitions, archival, retention) settings.
     pub maintenance: MaintenanceSettings,
+    /// PG_NOTIFY monitoring settings.
+    pub monitoring: MonitoringSettings,
 }
 
 /// Settings only the orchestrator reads (`[orchestrator]` in the file).
@@ -186,6 +191,45 @@ pub struct MaintenanceSettings {
     pub retention_batch: u32,
 }
 
+/// PG_NOTIFY monitoring settings (`[monitoring]` in the file); see `docs/metrics.md`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitoringSettings {
+    /// `TASKER_NOTIFY_MISS_THRESHOLD_MS`: a task claimed by a poll or sweep this
+    /// long after it became due counts as a missed notification. Keep it well
+    /// above the event path's p99 and well below polling replicas' interval.
+    pub notify_miss_threshold_ms: u64,
+    /// `TASKER_NOTIFY_WARN_MS`: discovery lags above this are logged at warn
+    /// with the task's id.
+    pub notify_warn_ms: u64,
+    /// `TASKER_MONITOR_INTERVAL_MS`: how often overdue work and due-work depth
+    /// are sampled.
+    pub interval_ms: u64,
+}
+
+impl Default for MonitoringSettings {
+    fn default() -> Self {
+        MonitoringSettings { notify_miss_threshold_ms: 2_000, notify_warn_ms: 30_000, interval_ms: 5_000 }
+    }
+}
+
+impl MonitoringSettings {
+    /// The miss threshold.
+    pub fn miss_threshold(&self) -> Duration {
+        Duration::from_millis(self.notify_miss_threshold_ms)
+    }
+
+    /// The warning level.
+    pub fn warn_after(&self) -> Duration {
+        Duration::from_millis(self.notify_warn_ms)
+    }
+
+    /// The sampling period.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -208,10 +252,12 @@ impl Default for Settings {
             db_max_connections: 10,
             shutdown_timeout_ms: 30_000,
             listener_ping_ms: 30_000,
+            listener_reconnect_ms: 100,
             orchestrator: OrchestratorSettings::default(),
             worker: WorkerSettings::default(),
             statistics: StatisticsSettings::default(),
             maintenance: MaintenanceSettings::default(),
+            monitoring: MonitoringSettings::default(),
         }
     }
 }
@@ -300,6 +346,7 @@ pub const ENVIRONMENT: &[EnvVar] = &[
     env("TASKER_DB_MAX_CONNECTIONS", "db_max_connections", Kind::Count),
     env("TASKER_SHUTDOWN_TIMEOUT_MS", "shutdown_timeout_ms", Kind::Millis),
     env("TASKER_LISTENER_PING_MS", "listener_ping_ms", Kind::Millis),
+    env("TASKER_LISTENER_RECONNECT_MS", "listener_reconnect_ms", Kind::Millis),
     env("TASKER_CLAIM_BATCH", "orchestrator.claim_batch", Kind::Count),
     env("TASKER_CLAIM_TIMEOUT_MS", "orchestrator.claim_timeout_ms", Kind::Millis),
     env("TASKER_TEMPLATES_DIR", "orchestrator.templates_dir", Kind::Text),
@@ -322,6 +369,9 @@ pub const ENVIRONMENT: &[EnvVar] = &[
     env("TASKER_MAINTENANCE_INTERVAL_MS", "maintenance.interval_ms", Kind::Millis),
     env("TASKER_TASK_RETENTION_DAYS", "maintenance.task_retention_days", Kind::Whole),
     env("TASKER_RETENTION_BATCH", "maintenance.retention_batch", Kind::Count),
+    env("TASKER_NOTIFY_MISS_THRESHOLD_MS", "monitoring.notify_miss_threshold_ms", Kind::Millis),
+    env("TASKER_NOTIFY_WARN_MS", "monitoring.notify_warn_ms", Kind::Millis),
+    env("TASKER_MONITOR_INTERVAL_MS", "monitoring.interval_ms", Kind::Millis),
 ];
 
 /// The lowest sampling rate accepted (the plan's range is 0.01 to 1.0).
@@ -495,6 +545,7 @@ impl Settings {
             1,
             "",
         )?;
+        at_least("TASKER_MONITOR_INTERVAL_MS", "monitoring.interval_ms", self.monitoring.interval_ms, 100, " ms")?;
         if self.database_url.is_none() {
             return Err(ConfigError::Missing {
                 var: "DATABASE_URL",

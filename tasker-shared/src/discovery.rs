@@ -64,6 +64,8 @@ pub struct DiscoveryConfig {
     pub channels: Channels,
     /// A LISTEN connection silent this long is pinged.
     pub ping_interval: Duration,
+    /// The first wait before re-establishing a lost LISTEN connection.
+    pub reconnect_delay: Duration,
     /// The database to listen on.
     pub database_url: String,
     /// `application_name` of the LISTEN connection (`<instance>:listener`), so
@@ -245,7 +247,7 @@ async fn run_timer(discovery: Discovery) {
 
 /// Keeps a LISTEN connection up for as long as the process runs.
 async fn listen(config: DiscoveryConfig, discovery: Discovery) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::starting_at(config.reconnect_delay);
     let mut connected_before = false;
     let mut disconnected_at = std::time::Instant::now();
     loop {
@@ -255,6 +257,8 @@ async fn listen(config: DiscoveryConfig, discovery: Discovery) {
         let session = async {
             let pool = listener_pool(&config)?;
             let mut listener = PgListener::connect_with(&pool).await?;
+            // Reconnect ourselves, after a delay, and always sweep afterwards.
+            listener.eager_reconnect(false);
             let namespace_channel = subscribe(&mut listener, &config.channels).await?;
             Ok::<_, sqlx::Error>((pool, listener, namespace_channel))
         };
@@ -285,13 +289,20 @@ async fn listen(config: DiscoveryConfig, discovery: Discovery) {
         let reason = receive(&config, &discovery, &mut listener, namespace_channel.as_deref()).await;
         discovery.set_connected(false);
         disconnected_at = std::time::Instant::now();
+        // Give the connection back before closing its pool.
+        drop(listener);
         match reason {
             Ended::Shutdown => return,
             Ended::Lost(why) => {
-                tracing::warn!(reason = %why, "LISTEN connection lost; reconnecting");
+                let delay = backoff.next_delay();
+                tracing::warn!(reason = %why, reconnect_in = ?delay, "LISTEN connection lost");
+                pool.close().await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = discovery.shutdown.cancelled() => return,
+                }
             }
         }
-        pool.close().await;
     }
 }
 
@@ -330,12 +341,9 @@ async fn receive(
             }
             // sqlx noticed the connection drop and already reconnected and
             // re-subscribed; anything sent in between is lost. Sweep.
-            Ok(Ok(None)) => {
-                metrics::listener_reconnected();
-                config.statistics.record(Event::ListenerReconnected, Duration::ZERO).await;
-                tracing::warn!("LISTEN connection dropped and was re-established; sweeping");
-                discovery.signals.raise(SWEEP);
-            }
+            // The connection closed (eager reconnect is off: we reconnect
+            // ourselves, after the reconnect delay, and sweep).
+            Ok(Ok(None)) => return Ended::Lost("connection closed".to_owned()),
             Ok(Err(err)) => return Ended::Lost(err.to_string()),
             // Silent for a whole ping interval: make sure the connection lives.
             Err(_elapsed) => {
@@ -412,31 +420,41 @@ fn due_hint(payload: &str) -> Option<Instant> {
     Some(Instant::now() + Duration::from_millis(ahead))
 }
 
-/// Exponential reconnect backoff, 100 ms to 5 s, with jitter.
+/// Exponential backoff for reconnects and retries: each delay is the current
+/// step plus up to 50% jitter (never less than the step), and the step doubles
+/// up to a cap.
 #[derive(Debug)]
 pub struct Backoff {
+    min: Duration,
     current: Duration,
 }
 
 impl Backoff {
+    /// The default first step.
     const MIN: Duration = Duration::from_millis(100);
+    /// The largest step.
     const MAX: Duration = Duration::from_secs(5);
 
-    /// Starts at the minimum.
+    /// Starts at 100 ms.
     pub fn new() -> Self {
-        Backoff { current: Self::MIN }
+        Self::starting_at(Self::MIN)
     }
 
-    /// The next delay: the current one with up to 50% jitter; then doubles.
+    /// Starts at `min` (at most the 5 s cap, unless `min` itself is larger).
+    pub fn starting_at(min: Duration) -> Self {
+        Backoff { min, current: min }
+    }
+
+    /// The next delay, then doubles the step.
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.current.mul_f64(0.5 + fastrand::f64() * 0.5);
-        self.current = (self.current * 2).min(Self::MAX);
+        let delay = self.current.mul_f64(1.0 + fastrand::f64() * 0.5);
+        self.current = (self.current * 2).min(Self::MAX.max(self.min));
         delay
     }
 
-    /// Back to the minimum after a success.
+    /// Back to the first step after a success.
     pub fn reset(&mut self) {
-        self.current = Self::MIN;
+        self.current = self.min;
     }
 }
 
@@ -479,11 +497,13 @@ mod tests {
     fn backoff_grows_to_its_cap_and_resets() {
         let mut backoff = Backoff::new();
         let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
-        assert!(delays[0] <= Duration::from_millis(100));
-        assert!(delays.iter().all(|d| *d <= Backoff::MAX));
-        assert!(delays[9] >= Backoff::MAX / 2);
+        assert!(delays[0] >= Duration::from_millis(100) && delays[0] <= Duration::from_millis(150));
+        assert!(delays.iter().all(|d| *d <= Backoff::MAX.mul_f64(1.5)));
+        assert!(delays[9] >= Backoff::MAX);
         backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
+        assert!(backoff.next_delay() <= Duration::from_millis(150));
+        let mut slow = Backoff::starting_at(Duration::from_secs(3));
+        assert!(slow.next_delay() >= Duration::from_secs(3), "never shorter than the first step");
     }
 
     #[tokio::test]

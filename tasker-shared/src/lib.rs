@@ -17,6 +17,7 @@
 //! | deployment modes | [`deployment`] |
 //! | discovering work: LISTEN, poll, sweep, timer | [`discovery`] |
 //! | metric names and recording | [`metrics`] |
+//! | PG_NOTIFY miss detection | [`monitoring`] |
 //! | health and metrics endpoints | [`http`] |
 //! | sampled statistics and the event taxonomy | [`event_system`] |
 //! | logging, signals, HTTP serving for binaries | [`service`] |
@@ -40,6 +41,7 @@ pub mod identifier;
 pub mod invariants;
 pub mod maintenance;
 pub mod metrics;
+pub mod monitoring;
 pub mod orchestration;
 pub mod retry;
 pub mod service;

@@ -8,14 +8,14 @@
 
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::claim::DiscoveredVia;
 
 /// Metric names.
 pub mod names {
-    /// Gauge (1) with labels service, mode, instance.
+    /// Gauge (1) with labels service, mode, instance_id.
     pub const INFO: &str = "tasker_info";
     /// Counter: notifications sent, by channel kind.
     pub const NOTIFICATIONS_SENT: &str = "tasker_notifications_sent_total";
@@ -27,8 +27,16 @@ pub mod names {
     pub const TASKS_DISCOVERED: &str = "tasker_tasks_discovered_total";
     /// Histogram: ready_since to claim, by discovery source.
     pub const DISCOVERY_LAG: &str = "tasker_discovery_lag_seconds";
-    /// Counter: notifications no listener acted on (see `docs/metrics.md`).
+    /// Counter: notifications no listener acted on (see `docs/metrics.md`), by discovery source.
     pub const NOTIFY_MISSES: &str = "tasker_notify_misses_total";
+    /// Counter: claims that took over an expired claim (a dead or hung orchestrator's).
+    pub const CLAIMS_TAKEN_OVER: &str = "tasker_claims_taken_over_total";
+    /// Gauge: tasks due, unclaimed and older than the miss threshold.
+    pub const NOTIFY_OVERDUE: &str = "tasker_notify_overdue_tasks";
+    /// Gauge: tasks due for orchestration, by namespace.
+    pub const DUE_TASKS: &str = "tasker_due_tasks";
+    /// Gauge: steps enqueued and waiting for a worker, by namespace.
+    pub const ENQUEUED_STEPS: &str = "tasker_enqueued_steps";
     /// Gauge: 1 while the LISTEN connection is up.
     pub const LISTENER_CONNECTED: &str = "tasker_listener_connected";
     /// Counter: LISTEN connections re-established.
@@ -86,45 +94,95 @@ pub fn install(service: &str, mode: &str, instance: &str) -> Result<PrometheusHa
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe();
-    gauge!(names::INFO, "service" => service.to_owned(), "mode" => mode.to_owned(), "instance" => instance.to_owned())
+    gauge!(names::INFO, "service" => service.to_owned(), "mode" => mode.to_owned(), "instance_id" => instance.to_owned())
         .set(1.0);
     Ok(handle)
 }
 
-fn describe() {
+/// What kind of metric a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Monotonic count.
+    Counter,
+    /// A level.
+    Gauge,
+    /// A distribution with buckets.
+    Histogram,
+}
+
+/// Every metric: name, kind and help text. `docs/metrics.md` documents each
+/// (a test checks it mentions them all).
+pub const CATALOG: &[(&str, Kind, &str)] = {
     use names::*;
-    describe_gauge!(INFO, "Always 1; labels name the service, its deployment mode and instance id.");
-    describe_counter!(NOTIFICATIONS_SENT, "NOTIFY messages this process caused, by channel kind (tasks, steps).");
-    describe_counter!(NOTIFICATIONS_RECEIVED, "Notifications received by this process's LISTEN connection.");
-    describe_counter!(TASKS_MADE_READY, "Times this process made a task due for orchestration, by source.");
-    describe_counter!(TASKS_DISCOVERED, "Tasks claimed by this orchestrator, by how they were discovered.");
-    describe_histogram!(
-        DISCOVERY_LAG,
-        Unit::Seconds,
-        "Time from a task becoming due to its claim, by discovery source."
-    );
-    describe_counter!(
-        NOTIFY_MISSES,
-        "Due tasks that no listener acted on: claimed by a poll or sweep later than the miss threshold."
-    );
-    describe_gauge!(LISTENER_CONNECTED, "1 while this process's LISTEN connection is up, else 0.");
-    describe_counter!(LISTENER_RECONNECTS, "Times this process's LISTEN connection was re-established.");
-    describe_counter!(TASKS_FINALIZED, "Tasks this orchestrator finalized, by final state.");
-    describe_counter!(STEPS_STARTED, "Step attempts started (handler invocations) by this worker, by handler.");
-    describe_counter!(STEPS_COMPLETED, "Step attempts that succeeded and were recorded, by handler.");
-    describe_counter!(STEPS_FAILED, "Step attempts that failed and were recorded, by handler and retryability.");
-    describe_counter!(STEPS_RETRIED, "Step retries scheduled by this orchestrator.");
-    describe_counter!(STEP_RESULTS_REJECTED, "Step outcomes rejected by the fence (stale attempt or cancelled step).");
-    describe_counter!(STEP_LEASES_EXPIRED, "Step attempts failed by this process's rescuer after their lease expired.");
-    describe_histogram!(STEP_DURATION, Unit::Seconds, "Handler run time, by handler.");
-    describe_histogram!(CLAIM_DURATION, Unit::Seconds, "Duration of one claim call, by kind (tasks, steps).");
-    describe_histogram!(
-        ORCHESTRATION_DURATION,
-        Unit::Seconds,
-        "Duration of one orchestration pass over a batch of claimed tasks."
-    );
-    describe_counter!(STEPS_ENQUEUED, "Steps enqueued by this orchestrator.");
-    describe_gauge!(DB_POOL_CONNECTIONS, "Connections in this process's database pool, by state (in_use, idle).");
+    &[
+        (INFO, Kind::Gauge, "Always 1; labels name the service, its deployment mode and instance id (instance_id)."),
+        (NOTIFICATIONS_SENT, Kind::Counter, "NOTIFY messages this process caused, by channel kind (tasks, steps)."),
+        (NOTIFICATIONS_RECEIVED, Kind::Counter, "Notifications received by this process's LISTEN connection."),
+        (TASKS_MADE_READY, Kind::Counter, "Times this process made a task due for orchestration, by source."),
+        (TASKS_DISCOVERED, Kind::Counter, "Tasks claimed by this orchestrator, by how they were discovered."),
+        (DISCOVERY_LAG, Kind::Histogram, "Time from a task becoming due to its claim, by discovery source."),
+        (
+            NOTIFY_MISSES,
+            Kind::Counter,
+            "Missed notifications: tasks found by a poll, sweep or timer more than the miss threshold after they became due.",
+        ),
+        (
+            CLAIMS_TAKEN_OVER,
+            Kind::Counter,
+            "Task claims that took over an expired claim (its orchestrator died or hung).",
+        ),
+        (
+            NOTIFY_OVERDUE,
+            Kind::Gauge,
+            "Tasks due, unclaimed and waiting longer than the miss threshold (sampled on a timer).",
+        ),
+        (DUE_TASKS, Kind::Gauge, "Tasks due for orchestration, by namespace (sampled on a timer)."),
+        (ENQUEUED_STEPS, Kind::Gauge, "Steps enqueued and waiting for a worker, by namespace (sampled on a timer)."),
+        (LISTENER_CONNECTED, Kind::Gauge, "1 while this process's LISTEN connection is up, else 0."),
+        (LISTENER_RECONNECTS, Kind::Counter, "Times this process's LISTEN connection was re-established."),
+        (TASKS_FINALIZED, Kind::Counter, "Tasks this orchestrator finalized, by final state."),
+        (STEPS_STARTED, Kind::Counter, "Step attempts started (handler invocations) by this worker, by handler."),
+        (STEPS_COMPLETED, Kind::Counter, "Step attempts that succeeded and were recorded, by handler."),
+        (STEPS_FAILED, Kind::Counter, "Step attempts that failed and were recorded, by handler and retryability."),
+        (STEPS_RETRIED, Kind::Counter, "Step retries scheduled by this orchestrator."),
+        (
+            STEP_RESULTS_REJECTED,
+            Kind::Counter,
+            "Step outcomes rejected by the fence (stale attempt or cancelled step).",
+        ),
+        (
+            STEP_LEASES_EXPIRED,
+            Kind::Counter,
+            "Step attempts failed by this process's rescuer after their lease expired.",
+        ),
+        (STEP_DURATION, Kind::Histogram, "Handler run time, by handler."),
+        (CLAIM_DURATION, Kind::Histogram, "Duration of one claim call, by kind (tasks, steps)."),
+        (ORCHESTRATION_DURATION, Kind::Histogram, "Duration of one orchestration pass over a batch of claimed tasks."),
+        (STEPS_ENQUEUED, Kind::Counter, "Steps enqueued by this orchestrator."),
+        (DB_POOL_CONNECTIONS, Kind::Gauge, "Connections in this process's database pool, by state (in_use, idle)."),
+        (
+            STATISTICS_DROPPED,
+            Kind::Counter,
+            "Statistics samples lost, by reason (buffer_full, contended, write_failed).",
+        ),
+        (STATISTICS_WRITTEN, Kind::Counter, "Statistics samples written to the database."),
+        (STATISTICS_RECORDING, Kind::Gauge, "Cumulative time spent recording statistics on processing paths."),
+        (
+            PROCESSING,
+            Kind::Gauge,
+            "Cumulative time spent in processing operations (claims, orchestration passes, outcome writes), statistics included.",
+        ),
+    ]
+};
+
+fn describe() {
+    for &(name, kind, help) in CATALOG {
+        match kind {
+            Kind::Counter => describe_counter!(name, help),
+            Kind::Gauge => describe_gauge!(name, help),
+            Kind::Histogram => describe_histogram!(name, help),
+        }
+    }
 }
 
 /// The LISTEN connection went up or down.
@@ -221,4 +279,46 @@ pub fn processing_time() -> Duration {
 pub fn export_cumulative_times() {
     gauge!(names::PROCESSING).set(processing_time().as_secs_f64());
     gauge!(names::STATISTICS_RECORDING).set(crate::event_system::sampled_statistics::recording_time().as_secs_f64());
+}
+
+/// A claim found `via` a poll or sweep was a missed notification.
+pub fn notify_miss(via: DiscoveredVia) {
+    counter!(names::NOTIFY_MISSES, "via" => via.as_str()).increment(1);
+}
+
+/// The overdue-work level.
+pub fn overdue_tasks(n: i64) {
+    gauge!(names::NOTIFY_OVERDUE).set(n as f64);
+}
+
+/// Due-work depth of one namespace.
+pub fn due_work(namespace: &str, due_tasks: i64, enqueued_steps: i64) {
+    gauge!(names::DUE_TASKS, "namespace" => namespace.to_owned()).set(due_tasks as f64);
+    gauge!(names::ENQUEUED_STEPS, "namespace" => namespace.to_owned()).set(enqueued_steps as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_documented_in_docs_metrics_md() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+            .expect("docs/metrics.md exists");
+        for (name, _, help) in CATALOG {
+            assert!(doc.contains(&format!("`{name}`")), "docs/metrics.md does not document {name}");
+            assert!(!help.is_empty());
+            assert!(name.starts_with("tasker_"), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for (name, kind, _) in CATALOG {
+            match kind {
+                Kind::Counter => assert!(name.ends_with("_total"), "{name}"),
+                Kind::Gauge | Kind::Histogram => assert!(!name.ends_with("_total"), "{name}"),
+            }
+        }
+    }
 }

@@ -64,6 +64,7 @@ pub async fn run(settings: Settings, registry: HandlerRegistry, shutdown: Cancel
             poll_interval: settings.poll_interval(),
             channels: namespace.clone().map_or(Channels::AllSteps, Channels::Steps),
             ping_interval: std::time::Duration::from_millis(settings.listener_ping_ms),
+            reconnect_delay: std::time::Duration::from_millis(settings.listener_reconnect_ms),
             database_url: settings.database_url().to_owned(),
             listener_name: format!("{id}:listener"),
             statistics: stats.clone(),

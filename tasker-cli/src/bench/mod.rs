@@ -39,7 +39,12 @@ impl BenchDatabase {
         tasker_shared::db::migrate(&pool).await?;
         let base = admin_url.split('?').next().unwrap_or(admin_url);
         let base = base.rsplit_once('/').map_or(base, |(prefix, _)| prefix);
-        Ok(BenchDatabase { url: format!("{base}/{name}"), pool, name: name.to_owned(), admin_url: admin_url.to_owned() })
+        Ok(BenchDatabase {
+            url: format!("{base}/{name}"),
+            pool,
+            name: name.to_owned(),
+            admin_url: admin_url.to_owned(),
+        })
     }
 
     /// Drops the database.
@@ -61,10 +66,7 @@ pub async fn start_service(
     env: &[(&str, String)],
     logs: &Path,
 ) -> anyhow::Result<ServiceProcess> {
-    let mut all = vec![
-        ("DATABASE_URL", database_url.to_owned()),
-        ("TASKER_TEMPLATES_DIR", "/nonexistent".to_owned()),
-    ];
+    let mut all = vec![("DATABASE_URL", database_url.to_owned()), ("TASKER_TEMPLATES_DIR", "/nonexistent".to_owned())];
     all.extend(env.iter().cloned());
     let mut service = ServiceProcess::spawn(binary, name, &all, logs).await?;
     service.wait_ready(Duration::from_secs(60)).await?;
@@ -81,7 +83,10 @@ pub async fn wait_for_final(pool: &PgPool, expected: i64, timeout: Duration) -> 
         if done >= expected {
             return Ok(());
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "only {done} of {expected} tasks finished in {timeout:?}");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "only {done} of {expected} tasks finished in {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

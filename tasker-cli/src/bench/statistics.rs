@@ -176,9 +176,8 @@ async fn run_mode(options: &Options, mode: StatisticsMode, logs: &std::path::Pat
     orchestrator.terminate(Duration::from_secs(30)).await?;
     worker.terminate(Duration::from_secs(30)).await?;
     // Shutdown flushed the buffers: count what reached the database.
-    let stored = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM tasker.statistics_samples"#)
-        .fetch_one(&db.pool)
-        .await?;
+    let stored =
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM tasker.statistics_samples"#).fetch_one(&db.pool).await?;
     db.drop_database().await?;
 
     Ok(ModeResult {

@@ -1,0 +1,103 @@
+//! `/metrics` of real services after real work: valid Prometheus text (as
+//! `promtool check metrics` judges it), every family documented, no unbounded
+//! labels.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tasker_tests::{Deployment, ServiceSpec, TestDatabase, submit_many, templates, wait_until};
+
+/// `promtool check metrics` on `text`; `None` if promtool is not installed and
+/// the run allows skipping (scripts/test sets TASKER_SKIP_PROMTOOL when it is
+/// missing; CI installs it and never skips).
+fn promtool_check(text: &str) -> Option<(bool, String)> {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(_) if std::env::var_os("TASKER_SKIP_PROMTOOL").is_some() => return None,
+        Err(err) => panic!("promtool is needed (apt-get install prometheus): {err}"),
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    Some((output.status.success(), report))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_are_documented_and_carry_no_ids() {
+    let db = TestDatabase::create("metrics").await.unwrap();
+    let mut deployment = Deployment::start(
+        &db,
+        &[
+            ServiceSpec::orchestrator("orch-1", "Hybrid").with("TASKER_MONITOR_INTERVAL_MS", "200"),
+            ServiceSpec::worker("worker-1", "Hybrid"),
+        ],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    api.publish_template(&templates::diamond("obs")).await.unwrap();
+    let flaky = templates::single(
+        "obs",
+        "flaky",
+        "fail",
+        serde_json::json!({"fail_times": 1}),
+        serde_json::json!({"backoff_ms": 10}),
+    );
+    api.publish_template(&flaky).await.unwrap();
+    let mut tasks = submit_many(&api, "obs", "diamond", 50).await.unwrap();
+    tasks.extend(submit_many(&api, "obs", "flaky", 5).await.unwrap());
+    wait_until("all tasks final", Duration::from_secs(60), || async { db.final_tasks().await == 55 }).await;
+    // Let the monitor's timer sample due-work depth at least once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md")).unwrap();
+    let uuids: Vec<String> = tasks.iter().map(ToString::to_string).collect();
+    for service in &deployment.services {
+        let text = reqwest::get(format!("{}/metrics", service.base_url())).await.unwrap().text().await.unwrap();
+        if let Some((ok, report)) = promtool_check(&text) {
+            assert!(ok, "promtool rejects {}'s metrics:\n{report}", service.name);
+        }
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let family = line.split(' ').nth(2).unwrap();
+            assert!(doc.contains(&format!("`{family}`")), "{family} is not documented in docs/metrics.md");
+        }
+        for id in &uuids {
+            assert!(!text.contains(id.as_str()), "a task id appears in {}'s metrics", service.name);
+        }
+    }
+
+    let orchestrator = deployment.services[0].metrics().await.unwrap();
+    for family in [
+        "tasker_info",
+        "tasker_tasks_discovered_total",
+        "tasker_discovery_lag_seconds_bucket",
+        "tasker_tasks_made_ready_total",
+        "tasker_notifications_sent_total",
+        "tasker_listener_connected",
+        "tasker_steps_retried_total",
+        "tasker_tasks_finalized_total",
+        "tasker_claim_duration_seconds_bucket",
+        "tasker_orchestration_pass_seconds_bucket",
+        "tasker_due_tasks",
+        "tasker_notify_overdue_tasks",
+        "tasker_db_pool_connections",
+        "tasker_statistics_samples_dropped_total",
+    ] {
+        assert!(orchestrator.samples.iter().any(|s| s.name == family), "orchestrator exports {family}");
+    }
+    let worker = deployment.services[1].metrics().await.unwrap();
+    assert_eq!(worker.sum("tasker_steps_started_total", &[]), 50.0 * 4.0 + 10.0, "every attempt counted");
+    assert_eq!(worker.sum("tasker_steps_failed_total", &[("retryable", "true")]), 5.0);
+    assert!(worker.samples.iter().any(|s| s.name == "tasker_step_duration_seconds_bucket"));
+    deployment.stop_all().await;
+    db.drop_database().await.unwrap();
+}
