@@ -7,10 +7,14 @@
 //! | service processes: spawn, ready, metrics, signals | [`process`] |
 //! | reading `/metrics` back | [`metrics`] |
 //! | the task API client | [`client`] |
+//! | journals against history: ran once, completed once | [`audit`] |
 //! | `tasker demo` | [`demo`] |
+//! | `tasker chaos` | [`chaos`] |
 //! | `tasker bench` | [`bench`] |
 
+pub mod audit;
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod local_postgres;

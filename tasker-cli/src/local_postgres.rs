@@ -38,12 +38,7 @@ impl LocalPostgres {
         let mut last_error = None;
         for _ in 0..5 {
             server.port = free_port()?;
-            let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 \
-                 -c shared_preload_libraries=pg_stat_statements -c shared_buffers=256MB",
-                server.port,
-                server.dir_path().display()
-            );
+            let options = server.server_options();
             let log = server.dir_path().join("server.log").display().to_string();
             match server.run("pg_ctl", &["-D", &data, "-w", "-t", "60", "-l", &log, "-o", &options, "start"]) {
                 Ok(()) => {
@@ -70,8 +65,33 @@ impl LocalPostgres {
         self.dir.as_ref().map_or_else(|| Path::new("/nonexistent"), |d| d.path())
     }
 
+    /// `postgres` options: port, socket directory, loopback only, and
+    /// pg_stat_statements (the benchmarks read it).
+    fn server_options(&self) -> String {
+        format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 \
+             -c shared_preload_libraries=pg_stat_statements -c shared_buffers=256MB",
+            self.port,
+            self.dir_path().display()
+        )
+    }
+
     fn data_dir(&self) -> String {
         self.dir_path().join("data").display().to_string()
+    }
+
+    /// Stops the server but keeps its data (see [`LocalPostgres::start_again`]).
+    pub fn pause(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "-t", "60", "stop"])
+    }
+
+    /// Starts a server stopped by [`LocalPostgres::pause`], with its old options.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        let log = self.dir_path().join("server.log").display().to_string();
+        let options = self.server_options();
+        self.run("pg_ctl", &["-D", &data, "-w", "-t", "60", "-l", &log, "-o", &options, "start"])
     }
 
     /// Stops the server and deletes its directory. Idempotent.

@@ -44,6 +44,18 @@ enum Command {
         #[arg(long, global = true)]
         json: Option<std::path::PathBuf>,
     },
+    /// A bounded soak under random faults, ending with the invariant checks.
+    Chaos {
+        /// Minutes of faults (the drain and checks come after).
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Tasks submitted per second.
+        #[arg(long, default_value_t = 30)]
+        rate: u64,
+        /// Seed for the faults (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Submit a task and print its uuid.
     Submit {
         /// Template namespace.
@@ -92,6 +104,21 @@ enum BenchWorkload {
         #[arg(long, default_value_t = 5000)]
         tasks: usize,
     },
+    /// PollingOnly against EventDrivenOnly: database load, discovery latency, CPU, memory.
+    Polling {
+        /// The polling interval.
+        #[arg(long, default_value_t = 5000)]
+        interval_ms: u64,
+        /// Seconds of idle measurement.
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        /// Tasks per second under load.
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 60)]
+        load_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -134,6 +161,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let options = tasker_cli::bench::statistics::Options { tasks, admin_url };
                     tasker_cli::bench::statistics::run(options).await.and_then(|r| Ok(serde_json::to_value(r)?))
                 }
+                BenchWorkload::Polling { interval_ms, idle_secs, rate, load_secs } => {
+                    let options = tasker_cli::bench::polling::Options {
+                        admin_url,
+                        poll_interval_ms: interval_ms,
+                        idle_secs,
+                        rate,
+                        load_secs,
+                    };
+                    tasker_cli::bench::polling::run(options).await.and_then(|r| Ok(serde_json::to_value(r)?))
+                }
             };
             drop(postgres);
             let report = result?;
@@ -142,6 +179,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("wrote {}", path.display());
             }
             Ok(())
+        }
+        Command::Chaos { minutes, rate, seed } => {
+            let mut postgres = None;
+            let admin_url = match std::env::var("DATABASE_URL") {
+                Ok(url) => url,
+                Err(_) => {
+                    eprintln!("starting a throwaway PostgreSQL...");
+                    let pg = tasker_cli::local_postgres::LocalPostgres::start()?;
+                    let url = pg.url();
+                    postgres = Some(pg);
+                    url
+                }
+            };
+            let seed = seed.unwrap_or_else(|| fastrand::u64(..));
+            let result = tasker_cli::chaos::run(tasker_cli::chaos::Options { admin_url, minutes, rate, seed }).await;
+            drop(postgres);
+            result
         }
         Command::Submit { namespace, name, version, context, priority, idempotency_key, wait } => {
             let context: serde_json::Value = serde_json::from_str(&context).context("--context must be JSON")?;

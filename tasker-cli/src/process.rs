@@ -129,6 +129,11 @@ impl ServiceProcess {
             .is_ok_and(|r| r.status().is_success())
     }
 
+    /// CPU time and memory of the process so far (Linux `/proc`).
+    pub fn resource_usage(&self) -> Option<ResourceUsage> {
+        resource_usage(self.pid()?)
+    }
+
     /// Scrapes `/metrics`.
     pub async fn metrics(&self) -> anyhow::Result<Metrics> {
         let text = reqwest::Client::new()
@@ -183,4 +188,30 @@ impl ServiceProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// CPU and memory of a process.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ResourceUsage {
+    /// User plus system CPU time, seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory now, bytes.
+    pub rss_bytes: u64,
+    /// Peak resident memory, bytes.
+    pub peak_rss_bytes: u64,
+}
+
+/// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
+pub fn resource_usage(pid: u32) -> Option<ResourceUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|k| k * 1024)
+    };
+    Some(ResourceUsage { cpu_seconds: ticks / hz, rss_bytes: kb("VmRSS:")?, peak_rss_bytes: kb("VmHWM:")? })
 }

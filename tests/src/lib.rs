@@ -8,7 +8,7 @@
 //! `scripts/test` builds them first.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,9 +35,15 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Creates and migrates a fresh database.
+    /// Creates and migrates a fresh database on the `DATABASE_URL` server.
     pub async fn create(prefix: &str) -> anyhow::Result<Self> {
         let admin_url = std::env::var("DATABASE_URL").context("DATABASE_URL (scripts/test sets it)")?;
+        Self::create_on(&admin_url, prefix).await
+    }
+
+    /// Creates and migrates a fresh database on the server of `admin_url`.
+    pub async fn create_on(admin_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let admin_url = admin_url.to_owned();
         let name = format!("{prefix}_{}", Uuid::now_v7().simple());
         let mut admin = PgConnection::connect(&admin_url).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
@@ -46,6 +52,13 @@ impl TestDatabase {
         tasker_shared::db::migrate(&pool).await?;
         let url = replace_database(&admin_url, &name);
         Ok(TestDatabase { url, name, pool, admin_url })
+    }
+
+    /// A new pool for the same database (after the server restarted).
+    pub async fn reconnect(old: TestDatabase) -> anyhow::Result<Self> {
+        let options: PgConnectOptions = old.url.parse()?;
+        let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await?;
+        Ok(TestDatabase { pool, ..old })
     }
 
     /// Drops the database (call at the end of a passing test; a failing test
@@ -208,17 +221,7 @@ impl Deployment {
     /// Every handler invocation recorded by every worker's journal:
     /// `(step_uuid, attempt) -> times run`.
     pub fn invocations(&self) -> HashMap<(Uuid, i32), usize> {
-        let mut counts = HashMap::new();
-        for path in journal_files(self.journal_dir()) {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            for line in text.lines() {
-                let mut parts = line.split(' ');
-                let (Some(step), Some(attempt)) = (parts.next(), parts.next()) else { continue };
-                let (Ok(step), Ok(attempt)) = (step.parse::<Uuid>(), attempt.parse::<i32>()) else { continue };
-                *counts.entry((step, attempt)).or_insert(0) += 1;
-            }
-        }
-        counts
+        tasker_cli::audit::read_journals(self.journal_dir())
     }
 
     /// Sums a metric over services whose name starts with `prefix`.
@@ -249,44 +252,14 @@ impl Deployment {
     }
 }
 
-fn journal_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
-        .collect()
-}
-
-/// Checks the journal against the history: every attempt that started (per
-/// the transitions) ran exactly once, no attempt ran that did not start, and no
-/// step completed more than once. Returns the number of attempts checked.
+/// Checks the workers' journals against the history (see
+/// [`tasker_cli::audit::check_attempts`]); panics with every violation.
+/// Returns the number of attempts started.
 pub async fn assert_each_attempt_ran_once(db: &TestDatabase, deployment: &Deployment) -> usize {
-    let started: Vec<(Uuid, i32)> = sqlx::query_as(
-        "SELECT step_uuid, attempt FROM tasker.workflow_step_transitions WHERE to_state = 'in_progress'",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .expect("started attempts");
-    let invocations = deployment.invocations();
-    for attempt in &started {
-        let runs = invocations.get(attempt).copied().unwrap_or(0);
-        assert_eq!(runs, 1, "attempt {attempt:?} started once in the history but ran {runs} times");
+    match tasker_cli::audit::check_attempts(&db.pool, &deployment.invocations()).await {
+        Ok(audit) => audit.attempts,
+        Err(problems) => panic!("attempts ran wrongly:\n{}", problems.join("\n")),
     }
-    let started_set: std::collections::HashSet<_> = started.iter().copied().collect();
-    for (attempt, runs) in &invocations {
-        assert!(started_set.contains(attempt), "attempt {attempt:?} ran {runs} times without a start in the history");
-    }
-    let (multi,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM (SELECT step_uuid FROM tasker.workflow_step_transitions
-                               WHERE to_state = 'complete' GROUP BY step_uuid HAVING count(*) > 1) m",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .expect("completions");
-    assert_eq!(multi, 0, "a step completed more than once");
-    started.len()
 }
 
 /// Polls `condition` until it holds or `timeout` passes (then panics with `what`).

@@ -4,6 +4,7 @@
 //! or `DATABASE_URL`), runs a workload in a fresh database, and reads the
 //! results from the database and the services' `/metrics`.
 
+pub mod polling;
 pub mod statistics;
 
 use std::path::Path;
