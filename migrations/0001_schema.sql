@@ -156,7 +156,6 @@ CREATE TABLE tasker.workflow_step_transitions (
     created_at    timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX workflow_step_transitions_step_idx ON tasker.workflow_step_transitions (step_uuid, transition_id);
-CREATE INDEX workflow_step_transitions_task_idx ON tasker.workflow_step_transitions (task_uuid);
 
 -- History is append-only: rows are never updated, and deleted only together
 -- with their task (retention), i.e. by a cascade, never directly.

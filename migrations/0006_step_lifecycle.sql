@@ -231,6 +231,29 @@ BEGIN
     INTO accepted_steps, woken_tasks
     FROM completed c;
 
+    -- Wake only the tasks whose orchestrator has something to do: a dependent
+    -- of a completed step became runnable, or nothing of the task is enqueued
+    -- or running any more (it can be finalized, or settled). A completion
+    -- beside still-running siblings wakes nobody: in a fan-out of fifty, only
+    -- the last one does. Safe because the task rows are locked: a sibling's
+    -- concurrent completion has either committed (and is seen here) or waits
+    -- for this transaction (and will see this one).
+    IF woken_tasks IS NOT NULL THEN
+        SELECT array_agg(t.task_uuid) INTO woken_tasks
+        FROM unnest(woken_tasks) AS t(task_uuid)
+        WHERE EXISTS (
+                  SELECT 1
+                  FROM tasker.workflow_step_edges e
+                  JOIN tasker.workflow_steps d ON d.step_uuid = e.to_step_uuid
+                  WHERE e.from_step_uuid = ANY (accepted_steps)
+                    AND d.task_uuid = t.task_uuid AND d.state = 'pending'
+                    AND NOT EXISTS (SELECT 1
+                                    FROM tasker.workflow_step_edges e2
+                                    JOIN tasker.workflow_steps p ON p.step_uuid = e2.from_step_uuid
+                                    WHERE e2.to_step_uuid = d.step_uuid AND p.state <> 'complete'))
+           OR NOT EXISTS (SELECT 1 FROM tasker.workflow_steps s
+                          WHERE s.task_uuid = t.task_uuid AND s.state IN ('enqueued', 'in_progress'));
+    END IF;
     IF woken_tasks IS NOT NULL THEN
         PERFORM tasker.wake_tasks(woken_tasks);
     END IF;

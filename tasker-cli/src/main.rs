@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tasker_cli::bench::throughput::Workload;
 use tasker_cli::client::ApiClient;
 use tasker_cli::demo::{self, DemoOptions};
 use uuid::Uuid;
@@ -104,6 +105,14 @@ enum BenchWorkload {
         #[arg(long, default_value_t = 5000)]
         tasks: usize,
     },
+    /// 20,000 one-step noop tasks submitted up front.
+    Single(ThroughputArgs),
+    /// 5,000 four-step diamond tasks submitted up front.
+    Diamond(ThroughputArgs),
+    /// 500 tasks of 1 -> 50 -> 1 steps submitted up front.
+    Fanout(ThroughputArgs),
+    /// Linear four-step tasks at 20 tasks/s for 60 s, EventDrivenOnly.
+    Latency(ThroughputArgs),
     /// PollingOnly against EventDrivenOnly: database load, discovery latency, CPU, memory.
     Polling {
         /// The polling interval.
@@ -119,6 +128,27 @@ enum BenchWorkload {
         #[arg(long, default_value_t = 60)]
         load_secs: u64,
     },
+}
+
+/// Options shared by the throughput workloads.
+#[derive(Debug, clap::Args)]
+struct ThroughputArgs {
+    /// Orchestrator processes.
+    #[arg(long, default_value_t = 2)]
+    orchestrators: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Run this many tasks instead of the workload's count (quick runs).
+    #[arg(long)]
+    tasks: Option<usize>,
+    /// Extra environment for every service, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_key_value)]
+    env: Vec<(String, String)>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s}"))
 }
 
 #[tokio::main]
@@ -161,6 +191,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let options = tasker_cli::bench::statistics::Options { tasks, admin_url };
                     tasker_cli::bench::statistics::run(options).await.and_then(|r| Ok(serde_json::to_value(r)?))
                 }
+                BenchWorkload::Single(args) => throughput(admin_url, Workload::Single, args).await,
+                BenchWorkload::Diamond(args) => throughput(admin_url, Workload::Diamond, args).await,
+                BenchWorkload::Fanout(args) => throughput(admin_url, Workload::Fanout, args).await,
+                BenchWorkload::Latency(args) => throughput(admin_url, Workload::Latency, args).await,
                 BenchWorkload::Polling { interval_ms, idle_secs, rate, load_secs } => {
                     let options = tasker_cli::bench::polling::Options {
                         admin_url,
@@ -268,4 +302,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn throughput(admin_url: String, workload: Workload, args: ThroughputArgs) -> anyhow::Result<serde_json::Value> {
+    let options = tasker_cli::bench::throughput::Options {
+        admin_url,
+        workload,
+        orchestrators: args.orchestrators,
+        workers: args.workers,
+        tasks: args.tasks,
+        env: args.env,
+    };
+    Ok(serde_json::to_value(tasker_cli::bench::throughput::run(options).await?)?)
 }

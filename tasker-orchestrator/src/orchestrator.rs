@@ -8,6 +8,7 @@
 //! duplicated or missing wake-up cannot corrupt a task.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -37,7 +38,14 @@ pub struct Orchestrator {
     discovery: Discovery,
     stats: SampledStatisticsCollector,
     monitor: PgNotifyMonitor,
+    /// When the timer was last armed from the database (at most once a second).
+    armed_at: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How often the earliest future due time is read from the database. Retries
+/// this process schedules arm the timer directly, and other processes' arrive
+/// as hints; the read catches the rest (abandoned claims, lost hints).
+const ARM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a pass over one batch found out.
 #[derive(Debug, Default)]
@@ -75,6 +83,7 @@ impl Orchestrator {
             discovery,
             stats,
             monitor,
+            armed_at: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -134,6 +143,13 @@ impl Orchestrator {
     /// database: a scheduled retry, or a claim that may be abandoned. This is
     /// what lets EventDrivenOnly run retries without polling.
     async fn arm_timer(&self) -> tasker_shared::Result<()> {
+        {
+            let mut armed_at = self.armed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if armed_at.is_some_and(|at| at.elapsed() < ARM_INTERVAL) {
+                return Ok(());
+            }
+            *armed_at = Some(Instant::now());
+        }
         let next = sqlx::query_scalar!(
             "SELECT min(ready_at) FROM tasker.tasks WHERE ready_at > now() AND ready_at IS NOT NULL"
         )

@@ -387,7 +387,9 @@ pub async fn get_task(conn: &mut PgConnection, task_uuid: Uuid) -> Result<Option
     let mut step_history: HashMap<Uuid, Vec<TransitionRecord>> = HashMap::new();
     for r in sqlx::query!(
         r#"SELECT step_uuid, attempt, from_state, to_state, reason, actor, created_at
-           FROM tasker.workflow_step_transitions WHERE task_uuid = $1 ORDER BY transition_id"#,
+           FROM tasker.workflow_step_transitions
+           WHERE step_uuid IN (SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1)
+           ORDER BY transition_id"#,
         task_uuid
     )
     .fetch_all(&mut *conn)

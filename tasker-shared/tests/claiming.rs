@@ -232,38 +232,70 @@ async fn an_expired_task_claim_passes_to_another_orchestrator_and_fences_the_fir
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn a_task_woken_while_claimed_stays_due_after_release(pool: PgPool) {
-    let t = template("wake", "pair", &[("a", &[]), ("b", &[])]);
+    // a and b run in parallel; c waits for a.
+    let t = template("wake", "trio", &[("a", &[]), ("b", &[]), ("c", &["a"])]);
     publish(&pool, &t).await;
-    let task = submit(&pool, &t, 1).await[0];
+    submit(&pool, &t, 1).await;
     enqueue_pass(&pool, ORCH).await;
     let steps = claim_steps(&pool, "w", 10).await;
+    let step = |name: &str| steps.iter().find(|s| s.name == name).unwrap().attempt_ref();
+    assert!(claim_all(&pool, ORCH).await.is_empty(), "nothing due yet");
 
-    // An orchestrator holds the task while a worker completes a step.
-    let claim = claim_all(&pool, ORCH).await;
-    assert!(claim.is_empty(), "nothing due yet");
-    step_result::complete_steps(
-        &pool,
-        "w",
-        &[Success { attempt: steps[0].attempt_ref(), result: serde_json::json!(1) }],
-    )
-    .await
-    .unwrap();
+    // a completes: c became runnable, so the task is due; an orchestrator claims it.
+    step_result::complete_steps(&pool, "w", &[Success { attempt: step("a"), result: serde_json::json!(1) }])
+        .await
+        .unwrap();
     let claim = claim_all(&pool, ORCH).await;
     assert_eq!(claim.len(), 1);
-    step_result::complete_steps(
-        &pool,
-        "w",
-        &[Success { attempt: steps[1].attempt_ref(), result: serde_json::json!(2) }],
-    )
-    .await
-    .unwrap();
+
+    // While it is held, b completes: nothing is in flight any more, so the task
+    // is woken again, but stays claimed.
+    step_result::complete_steps(&pool, "w", &[Success { attempt: step("b"), result: serde_json::json!(2) }])
+        .await
+        .unwrap();
     assert!(claim_all(&pool, "other").await.is_empty(), "still held");
 
     let released = claim::release_task_claims(&pool, ORCH, &[Release::of(&claim[0], None)]).await.unwrap();
     assert_eq!(released.len(), 1);
     assert!(released[0].still_due, "the wake-up during the claim is not lost");
     assert_eq!(claim_all(&pool, "other").await.len(), 1);
-    let _ = task;
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_completion_beside_running_siblings_wakes_nobody(pool: PgPool) {
+    let t = template("quiet", "fan", &[("start", &[]), ("x", &["start"]), ("y", &["start"]), ("end", &["x", "y"])]);
+    publish(&pool, &t).await;
+    submit(&pool, &t, 1).await;
+    enqueue_pass(&pool, ORCH).await;
+    let start = claim_steps(&pool, "w", 10).await;
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success { attempt: start[0].attempt_ref(), result: serde_json::json!(0) }],
+    )
+    .await
+    .unwrap();
+    enqueue_pass(&pool, ORCH).await;
+    let middle = claim_steps(&pool, "w", 10).await;
+    assert_eq!(middle.len(), 2);
+
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success { attempt: middle[0].attempt_ref(), result: serde_json::json!(1) }],
+    )
+    .await
+    .unwrap();
+    assert!(claim_all(&pool, ORCH).await.is_empty(), "its sibling still runs: nothing for an orchestrator to do");
+
+    step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success { attempt: middle[1].attempt_ref(), result: serde_json::json!(2) }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(claim_all(&pool, ORCH).await.len(), 1, "the last one makes `end` runnable: the task is due");
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]

@@ -6,6 +6,7 @@
 
 pub mod polling;
 pub mod statistics;
+pub mod throughput;
 
 use std::path::Path;
 use std::time::Duration;

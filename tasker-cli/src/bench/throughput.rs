@@ -1,0 +1,400 @@
+//! `tasker bench single | diamond | fanout | latency`: throughput and latency
+//! of a real deployment, judged against PostgreSQL's own ceiling measured in
+//! the same run.
+//!
+//! | workload | tasks | shape |
+//! |---|---|---|
+//! | `single` | 20,000, submitted up front | one noop step |
+//! | `diamond` | 5,000, up front | a -> (b, c) -> d, noop |
+//! | `fanout` | 500, up front | 1 -> 50 -> 1, noop |
+//! | `latency` | 20 per second for 60 s, EventDrivenOnly | a -> b -> c -> d, noop |
+//!
+//! Reported: tasks/s and steps/s over the drain (first claim to last
+//! completion; the submission rate separately), submit-to-complete latency
+//! percentiles, per-hop latency (task due to its first orchestration pass; step
+//! enqueued to a worker's claim), database transactions and statements per step
+//! (`pg_stat_database` and `pg_stat_statements` deltas over the drain), and CPU
+//! seconds and peak RSS per process. The ceiling is `pgbench`: a one-row UPDATE
+//! per transaction, 2 clients, 15 s; every throughput is also printed as a
+//! ratio to it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+use tasker_shared::tasks::{self, NewTask};
+use tasker_shared::template::{self, TaskTemplate};
+
+use super::{BenchDatabase, start_service, wait_for_final};
+use crate::client::ApiClient;
+use crate::process::{Binary, ResourceUsage, ServiceProcess};
+
+/// A workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// 20,000 one-step tasks up front.
+    Single,
+    /// 5,000 four-step diamonds up front.
+    Diamond,
+    /// 500 tasks of 1 -> 50 -> 1 up front.
+    Fanout,
+    /// Linear four-step tasks at a steady rate, EventDrivenOnly.
+    Latency,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Single => "single",
+            Workload::Diamond => "diamond",
+            Workload::Fanout => "fanout",
+            Workload::Latency => "latency",
+        }
+    }
+
+    fn template(self) -> serde_json::Value {
+        let steps: Vec<serde_json::Value> = match self {
+            Workload::Single => vec![json!({"name": "only", "handler": "noop"})],
+            Workload::Diamond => vec![
+                json!({"name": "a", "handler": "noop"}),
+                json!({"name": "b", "handler": "noop", "depends_on": ["a"]}),
+                json!({"name": "c", "handler": "noop", "depends_on": ["a"]}),
+                json!({"name": "d", "handler": "noop", "depends_on": ["b", "c"]}),
+            ],
+            Workload::Fanout => {
+                let mut steps = vec![json!({"name": "start", "handler": "noop"})];
+                let middle: Vec<String> = (0..50).map(|i| format!("part_{i}")).collect();
+                steps.extend(middle.iter().map(|m| json!({"name": m, "handler": "noop", "depends_on": ["start"]})));
+                steps.push(json!({"name": "finish", "handler": "noop", "depends_on": middle}));
+                steps
+            }
+            Workload::Latency => vec![
+                json!({"name": "a", "handler": "noop"}),
+                json!({"name": "b", "handler": "noop", "depends_on": ["a"]}),
+                json!({"name": "c", "handler": "noop", "depends_on": ["b"]}),
+                json!({"name": "d", "handler": "noop", "depends_on": ["c"]}),
+            ],
+        };
+        json!({"namespace": "bench", "name": self.name(), "version": "1.0.0", "steps": steps})
+    }
+
+    fn tasks(self) -> usize {
+        match self {
+            Workload::Single => 20_000,
+            Workload::Diamond => 5_000,
+            Workload::Fanout => 500,
+            Workload::Latency => 20 * 60,
+        }
+    }
+}
+
+/// Options of a throughput benchmark.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The PostgreSQL server.
+    pub admin_url: String,
+    /// The workload.
+    pub workload: Workload,
+    /// Orchestrator processes.
+    pub orchestrators: usize,
+    /// Worker processes.
+    pub workers: usize,
+    /// Override the workload's task count (for quick runs).
+    pub tasks: Option<usize>,
+    /// Extra environment for every service (`KEY=VALUE`).
+    pub env: Vec<(String, String)>,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 95th.
+    pub p95: f64,
+    /// 99th.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// One process's resources.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessReport {
+    /// Instance name.
+    pub name: String,
+    /// CPU and memory at the end of the drain.
+    pub usage: Option<ResourceUsage>,
+}
+
+/// The report of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The workload.
+    pub workload: Workload,
+    /// Tasks run.
+    pub tasks: i64,
+    /// Steps run.
+    pub steps: i64,
+    /// pgbench one-row UPDATE, 2 clients, 15 s: transactions per second.
+    pub pgbench_tps: f64,
+    /// Tasks submitted per second (submission only).
+    pub submit_tasks_per_sec: f64,
+    /// Drain time, first claim to last completion, seconds.
+    pub drain_seconds: f64,
+    /// Tasks per second over the drain.
+    pub tasks_per_sec: f64,
+    /// Steps per second over the drain.
+    pub steps_per_sec: f64,
+    /// Submit to complete.
+    pub latency_ms: Percentiles,
+    /// Task due (created) to its first orchestration pass.
+    pub hop_task_claim_ms: Percentiles,
+    /// Step enqueued to a worker's claim.
+    pub hop_step_pickup_ms: Percentiles,
+    /// Committed transactions per step over the drain (`pg_stat_database`).
+    pub transactions_per_step: f64,
+    /// Statements per step over the drain (`pg_stat_statements`).
+    pub statements_per_step: f64,
+    /// Per process.
+    pub processes: Vec<ProcessReport>,
+}
+
+impl Report {
+    /// steps/s divided by the pgbench ceiling.
+    pub fn steps_ratio(&self) -> f64 {
+        self.steps_per_sec / self.pgbench_tps
+    }
+    /// tasks/s divided by the pgbench ceiling.
+    pub fn tasks_ratio(&self) -> f64 {
+        self.tasks_per_sec / self.pgbench_tps
+    }
+}
+
+/// Measures the database's ceiling: `pgbench`, a one-row UPDATE per
+/// transaction over 1,000 rows, 2 clients, `seconds` long.
+pub async fn pgbench_ceiling(url: &str, seconds: u64) -> anyhow::Result<f64> {
+    let pool = PgPool::connect(url).await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_ceiling").execute(&pool).await?;
+    sqlx::query("CREATE TABLE bench_ceiling (id int PRIMARY KEY, n bigint NOT NULL)").execute(&pool).await?;
+    sqlx::query("INSERT INTO bench_ceiling SELECT g, 0 FROM generate_series(1, 1000) g").execute(&pool).await?;
+    pool.close().await;
+    let script = tempfile::Builder::new().suffix(".sql").tempfile()?;
+    std::fs::write(script.path(), "\\set id random(1, 1000)\nUPDATE bench_ceiling SET n = n + 1 WHERE id = :id;\n")?;
+    let output = tokio::process::Command::new("pgbench")
+        .args(["-n", "-c", "2", "-j", "2", "-T", &seconds.to_string(), "-f"])
+        .arg(script.path())
+        .arg(url)
+        .output()
+        .await
+        .context("running pgbench (Debian: postgresql-client)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(output.status.success(), "pgbench failed: {text}{}", String::from_utf8_lossy(&output.stderr));
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("no tps in pgbench's output")?;
+    Ok(tps)
+}
+
+/// Runs one workload end to end and prints its table.
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    let logs = tempfile::Builder::new().prefix("tasker-bench-logs.").tempdir()?;
+    let db = BenchDatabase::create(&options.admin_url, &format!("tasker_bench_{}", options.workload.name())).await?;
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&db.pool).await?;
+    eprintln!("measuring the database's ceiling with pgbench (15 s)...");
+    let pgbench_tps = pgbench_ceiling(&db.url, 15).await?;
+
+    let workload = options.workload;
+    let template: TaskTemplate = serde_json::from_value(workload.template())?;
+    let mut tx = db.pool.begin().await?;
+    template::publish_template(&mut tx, &template).await?;
+    tx.commit().await?;
+    let total = options.tasks.unwrap_or(workload.tasks());
+
+    let mode = if workload == Workload::Latency { "EventDrivenOnly" } else { "Hybrid" };
+    let mut env: Vec<(&str, String)> =
+        vec![("DEPLOYMENT_MODE", mode.to_owned()), ("POLL_INTERVAL_MS", "1000".to_owned())];
+    env.extend(options.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    let mut services: Vec<ServiceProcess> = Vec::new();
+    for i in 0..options.orchestrators {
+        services
+            .push(start_service(Binary::Orchestrator, &format!("bench-orch-{i}"), &db.url, &env, logs.path()).await?);
+    }
+    // Up-front workloads: create every task before workers start, so the
+    // drain measures processing, not submission.
+    let submit_started = Instant::now();
+    if workload != Workload::Latency {
+        create_up_front(&db.pool, &template, total).await?;
+    }
+    let submit_elapsed = submit_started.elapsed().as_secs_f64();
+    let (xacts_before, statements_before) = counters(&db.pool).await?;
+    for i in 0..options.workers {
+        services.push(start_service(Binary::Worker, &format!("bench-worker-{i}"), &db.url, &env, logs.path()).await?);
+    }
+    let submit_rate = if workload == Workload::Latency {
+        let api = ApiClient::new(services[0].base_url(), None);
+        submit_steadily(&api, total, 20).await?
+    } else {
+        total as f64 / submit_elapsed
+    };
+    wait_for_final(&db.pool, i64::try_from(total)?, Duration::from_secs(1800)).await?;
+    let (xacts_after, statements_after) = counters(&db.pool).await?;
+
+    let processes: Vec<ProcessReport> =
+        services.iter().map(|s| ProcessReport { name: s.name.clone(), usage: s.resource_usage() }).collect();
+    let row: (i64, i64, f64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasker.tasks WHERE state = 'complete'),
+                (SELECT count(*) FROM tasker.workflow_steps WHERE state = 'complete'),
+                extract(epoch FROM (SELECT max(completed_at) FROM tasker.tasks)
+                                 - (SELECT min(created_at) FROM tasker.task_transitions WHERE to_state = 'steps_in_process'))::float8",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let (tasks_done, steps, drain) = row;
+    let latency =
+        percentiles(&db.pool, "SELECT extract(epoch FROM completed_at - created_at) * 1000 FROM tasker.tasks").await?;
+    let hop_task = percentiles(
+        &db.pool,
+        "SELECT extract(epoch FROM (SELECT min(tt.created_at) FROM tasker.task_transitions tt
+                                    WHERE tt.task_uuid = t.task_uuid AND tt.to_state = 'steps_in_process')
+                                  - t.created_at) * 1000 FROM tasker.tasks t",
+    )
+    .await?;
+    let hop_step = percentiles(
+        &db.pool,
+        "SELECT extract(epoch FROM s.created_at - e.created_at) * 1000
+         FROM tasker.workflow_step_transitions s
+         JOIN tasker.workflow_step_transitions e ON e.step_uuid = s.step_uuid AND e.to_state = 'enqueued' AND e.attempt = 0
+         WHERE s.to_state = 'in_progress' AND s.attempt = 1",
+    )
+    .await?;
+    for service in &mut services {
+        let _ = service.terminate(Duration::from_secs(30)).await;
+    }
+    db.drop_database().await?;
+
+    let report = Report {
+        workload,
+        tasks: tasks_done,
+        steps,
+        pgbench_tps,
+        submit_tasks_per_sec: submit_rate,
+        drain_seconds: drain,
+        tasks_per_sec: tasks_done as f64 / drain,
+        steps_per_sec: steps as f64 / drain,
+        latency_ms: latency,
+        hop_task_claim_ms: hop_task,
+        hop_step_pickup_ms: hop_step,
+        transactions_per_step: (xacts_after - xacts_before) / steps as f64,
+        statements_per_step: (statements_after - statements_before) / steps as f64,
+        processes,
+    };
+    print(&report);
+    Ok(report)
+}
+
+async fn create_up_front(pool: &PgPool, template: &TaskTemplate, total: usize) -> anyhow::Result<()> {
+    let request = NewTask {
+        namespace: template.namespace.clone(),
+        name: template.name.clone(),
+        version: None,
+        context: json!({}),
+        priority: 0,
+        idempotency_key: None,
+    };
+    let per_batch = (tasks::MAX_BATCH * 4 / template.steps.len()).clamp(1, tasks::MAX_BATCH);
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(per_batch);
+        let mut tx = pool.begin().await?;
+        tasks::create_tasks(&mut tx, "bench", &vec![request.clone(); n]).await?;
+        tx.commit().await?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Submits `total` tasks through the API at `rate` per second; returns the rate achieved.
+async fn submit_steadily(api: &ApiClient, total: usize, rate: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(1000 / rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for _ in 0..total {
+        ticks.tick().await;
+        api.submit(&json!({"namespace": "bench", "name": "latency"})).await?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Committed transactions (this database) and statements (this database).
+async fn counters(pool: &PgPool) -> anyhow::Result<(f64, f64)> {
+    // Statistics reach pg_stat_database when backends flush them (at most a
+    // second late); force this session's and wait a moment for the others.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (xacts, statements): (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT (SELECT xact_commit::float8 FROM pg_stat_database WHERE datname = current_database()),
+                (SELECT sum(calls)::float8 FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((xacts.unwrap_or(0.0), statements.unwrap_or(0.0)))
+}
+
+async fn percentiles(pool: &PgPool, values_sql: &str) -> anyhow::Result<Percentiles> {
+    let query = format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v), percentile_cont(0.95) WITHIN GROUP (ORDER BY v),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY v), max(v)
+         FROM (SELECT v::float8 FROM ({values_sql}) AS i(v)) AS x(v)"
+    );
+    let (p50, p95, p99, max): (Option<f64>, Option<f64>, Option<f64>, Option<f64>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(query)).fetch_one(pool).await?;
+    let nan = f64::NAN;
+    Ok(Percentiles {
+        p50: p50.unwrap_or(nan),
+        p95: p95.unwrap_or(nan),
+        p99: p99.unwrap_or(nan),
+        max: max.unwrap_or(nan),
+    })
+}
+
+fn print(r: &Report) {
+    let p = |x: &Percentiles| format!("p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}", x.p50, x.p95, x.p99, x.max);
+    println!();
+    println!("workload {:?}: {} tasks, {} steps", r.workload, r.tasks, r.steps);
+    println!("  pgbench ceiling (one-row UPDATE, 2 clients)   {:.0} tx/s", r.pgbench_tps);
+    println!("  submission                                     {:.0} tasks/s", r.submit_tasks_per_sec);
+    println!("  drain                                          {:.2} s", r.drain_seconds);
+    println!(
+        "  tasks/s                                        {:.0}  ({:.2} x ceiling)",
+        r.tasks_per_sec,
+        r.tasks_ratio()
+    );
+    println!(
+        "  steps/s                                        {:.0}  ({:.2} x ceiling)",
+        r.steps_per_sec,
+        r.steps_ratio()
+    );
+    println!("  submit-to-complete ms                          {}", p(&r.latency_ms));
+    println!("  hop: task due -> first pass ms                 {}", p(&r.hop_task_claim_ms));
+    println!("  hop: step enqueued -> claimed ms               {}", p(&r.hop_step_pickup_ms));
+    println!("  transactions per step                          {:.2}", r.transactions_per_step);
+    println!("  statements per step                            {:.2}", r.statements_per_step);
+    for process in &r.processes {
+        match process.usage {
+            Some(u) => println!(
+                "  {:<22} cpu {:>6.2} s   peak rss {:>5.1} MB",
+                process.name,
+                u.cpu_seconds,
+                u.peak_rss_bytes as f64 / 1e6
+            ),
+            None => println!("  {:<22} (exited)", process.name),
+        }
+    }
+}
