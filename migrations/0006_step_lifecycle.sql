@@ -191,17 +191,30 @@ $$;
 -- Records successful attempts. Fenced: only the worker that claimed the attempt,
 -- presenting the attempt number, while the step is still in_progress. Anything
 -- else (a stale owner after its lease expired, a result after cancel) is
--- rejected and changes nothing. Accepted results wake their tasks.
+-- rejected and changes nothing.
+--
+-- In the same transaction, dependents that became runnable are enqueued (and
+-- their namespaces notified once each), if their task is running normally: a
+-- hop from one step to the next costs one transaction and one notification,
+-- not an orchestration pass. The task is woken only when its orchestrator has
+-- something to do: nothing of it is enqueued or running any more (it can be
+-- finalized, or settled after a failure), or a dependent became runnable in a
+-- task that is not running normally. Both are safe because the task rows are
+-- locked first: a sibling's concurrent completion has either committed (and
+-- is seen here) or waits for this transaction (and will see this one).
 CREATE FUNCTION tasker.complete_steps(
     p_worker_id  text,
     p_step_uuids uuid[],
     p_attempts   integer[],
     p_results    jsonb[]
-) RETURNS TABLE (step_uuid uuid, accepted boolean)
+) RETURNS TABLE (step_uuid uuid, accepted boolean, dependents_enqueued integer, task_woken boolean)
     LANGUAGE plpgsql AS $$
 DECLARE
     accepted_steps uuid[];
+    touched_tasks  uuid[];
     woken_tasks    uuid[];
+    enqueued_steps uuid[];
+    enqueued_ns    text[];
 BEGIN
     PERFORM tasker.lock_tasks_of_steps(p_step_uuids);
 
@@ -228,21 +241,61 @@ BEGIN
         FROM completed c
     )
     SELECT array_agg(c.step_uuid), array_agg(DISTINCT c.task_uuid)
-    INTO accepted_steps, woken_tasks
+    INTO accepted_steps, touched_tasks
     FROM completed c;
 
-    -- Wake only the tasks whose orchestrator has something to do: a dependent
-    -- of a completed step became runnable, or nothing of the task is enqueued
-    -- or running any more (it can be finalized, or settled). A completion
-    -- beside still-running siblings wakes nobody: in a fan-out of fifty, only
-    -- the last one does. Safe because the task rows are locked: a sibling's
-    -- concurrent completion has either committed (and is seen here) or waits
-    -- for this transaction (and will see this one).
-    IF woken_tasks IS NOT NULL THEN
-        SELECT array_agg(t.task_uuid) INTO woken_tasks
-        FROM unnest(woken_tasks) AS t(task_uuid)
-        WHERE EXISTS (
-                  SELECT 1
+    IF accepted_steps IS NULL THEN
+        RETURN QUERY SELECT i.step_uuid, false, 0, false FROM unnest(p_step_uuids) AS i(step_uuid);
+        RETURN;
+    END IF;
+
+    -- Dependents whose every dependency is now complete, in running tasks.
+    WITH runnable AS (
+        SELECT DISTINCT d.step_uuid, d.namespace
+        FROM tasker.workflow_step_edges e
+        JOIN tasker.workflow_steps d ON d.step_uuid = e.to_step_uuid
+        JOIN tasker.tasks t ON t.task_uuid = d.task_uuid
+        WHERE e.from_step_uuid = ANY (accepted_steps)
+          AND d.state = 'pending' AND t.state = 'steps_in_process'
+          AND NOT EXISTS (SELECT 1
+                          FROM tasker.workflow_step_edges e2
+                          JOIN tasker.workflow_steps p ON p.step_uuid = e2.from_step_uuid
+                          WHERE e2.to_step_uuid = d.step_uuid AND p.state <> 'complete')
+    ), locked AS (
+        SELECT s.step_uuid, r.namespace
+        FROM tasker.workflow_steps s JOIN runnable r ON r.step_uuid = s.step_uuid
+        WHERE s.state = 'pending'
+        ORDER BY s.step_uuid
+        FOR NO KEY UPDATE OF s
+    ), enqueued AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'enqueued', enqueued_at = now(), updated_at = now()
+        FROM locked l
+        WHERE s.step_uuid = l.step_uuid
+        RETURNING s.step_uuid, s.task_uuid, s.namespace, s.attempts
+    ), history AS (
+        INSERT INTO tasker.workflow_step_transitions
+            (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
+        SELECT e.step_uuid, e.task_uuid, e.attempts, 'pending', 'enqueued', 'dependencies complete', p_worker_id
+        FROM enqueued e
+    )
+    SELECT array_agg(e.step_uuid), array_agg(e.namespace)
+    INTO enqueued_steps, enqueued_ns
+    FROM enqueued e;
+
+    IF enqueued_steps IS NOT NULL THEN
+        PERFORM pg_notify(tasker.step_channel(ns), '')
+        FROM (SELECT DISTINCT ns FROM unnest(enqueued_ns) AS ns) AS distinct_namespaces;
+    END IF;
+
+    -- Wake a task when its orchestrator has something to do: nothing of it is
+    -- in flight, or it has runnable work the step above could not enqueue
+    -- (its task is not running normally).
+    SELECT array_agg(t.task_uuid) INTO woken_tasks
+    FROM unnest(touched_tasks) AS t(task_uuid)
+    WHERE NOT EXISTS (SELECT 1 FROM tasker.workflow_steps s
+                      WHERE s.task_uuid = t.task_uuid AND s.state IN ('enqueued', 'in_progress'))
+       OR EXISTS (SELECT 1
                   FROM tasker.workflow_step_edges e
                   JOIN tasker.workflow_steps d ON d.step_uuid = e.to_step_uuid
                   WHERE e.from_step_uuid = ANY (accepted_steps)
@@ -250,16 +303,24 @@ BEGIN
                     AND NOT EXISTS (SELECT 1
                                     FROM tasker.workflow_step_edges e2
                                     JOIN tasker.workflow_steps p ON p.step_uuid = e2.from_step_uuid
-                                    WHERE e2.to_step_uuid = d.step_uuid AND p.state <> 'complete'))
-           OR NOT EXISTS (SELECT 1 FROM tasker.workflow_steps s
-                          WHERE s.task_uuid = t.task_uuid AND s.state IN ('enqueued', 'in_progress'));
-    END IF;
+                                    WHERE e2.to_step_uuid = d.step_uuid AND p.state <> 'complete'));
     IF woken_tasks IS NOT NULL THEN
         PERFORM tasker.wake_tasks(woken_tasks);
     END IF;
 
+    -- Each enqueued dependent is credited to one completed parent of this call.
     RETURN QUERY
-    SELECT i.step_uuid, i.step_uuid = ANY (coalesce(accepted_steps, '{}'))
+    WITH credit AS (
+        SELECT min(e.from_step_uuid::text)::uuid AS parent
+        FROM unnest(coalesce(enqueued_steps, '{}')) AS d(step_uuid)
+        JOIN tasker.workflow_step_edges e ON e.to_step_uuid = d.step_uuid
+        WHERE e.from_step_uuid = ANY (accepted_steps)
+        GROUP BY d.step_uuid
+    )
+    SELECT i.step_uuid, i.step_uuid = ANY (accepted_steps),
+           (SELECT count(*)::integer FROM credit c WHERE c.parent = i.step_uuid),
+           coalesce((SELECT s.task_uuid = ANY (woken_tasks) FROM tasker.workflow_steps s
+                     WHERE s.step_uuid = i.step_uuid), false)
     FROM unnest(p_step_uuids) AS i(step_uuid);
 END
 $$;

@@ -158,7 +158,11 @@ pub const CATALOG: &[(&str, Kind, &str)] = {
         (STEP_DURATION, Kind::Histogram, "Handler run time, by handler."),
         (CLAIM_DURATION, Kind::Histogram, "Duration of one claim call, by kind (tasks, steps)."),
         (ORCHESTRATION_DURATION, Kind::Histogram, "Duration of one orchestration pass over a batch of claimed tasks."),
-        (STEPS_ENQUEUED, Kind::Counter, "Steps enqueued by this orchestrator."),
+        (
+            STEPS_ENQUEUED,
+            Kind::Counter,
+            "Steps this process enqueued: orchestrators a task's first steps and retries, workers the dependents a completion made runnable.",
+        ),
         (DB_POOL_CONNECTIONS, Kind::Gauge, "Connections in this process's database pool, by state (in_use, idle)."),
         (
             STATISTICS_DROPPED,

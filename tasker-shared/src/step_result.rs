@@ -42,6 +42,11 @@ pub struct Recorded {
     pub accepted: bool,
     /// The step's new state, when accepted.
     pub state: Option<StepState>,
+    /// Dependents this completion made runnable and enqueued (in the same
+    /// transaction); 0 for failures.
+    pub dependents_enqueued: i32,
+    /// Whether its task was woken for its orchestrator by this call.
+    pub task_woken: bool,
 }
 
 /// Records successful attempts (`tasker.complete_steps`), in one statement.
@@ -54,7 +59,8 @@ pub async fn complete_steps(
     let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.attempt).collect();
     let results: Vec<serde_json::Value> = successes.iter().map(|s| s.result.clone()).collect();
     let rows = sqlx::query!(
-        r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!"
+        r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", dependents_enqueued AS "dependents_enqueued!",
+                  task_woken AS "task_woken!"
            FROM tasker.complete_steps($1, $2, $3, $4)"#,
         worker_id,
         &uuids,
@@ -69,6 +75,8 @@ pub async fn complete_steps(
             step_uuid: r.step_uuid,
             accepted: r.accepted,
             state: r.accepted.then_some(StepState::Complete),
+            dependents_enqueued: r.dependents_enqueued,
+            task_woken: r.task_woken,
         })
         .collect())
 }
@@ -90,5 +98,14 @@ pub async fn fail_steps(executor: impl PgExecutor<'_>, worker_id: &str, failures
     )
     .fetch_all(executor)
     .await?;
-    Ok(rows.into_iter().map(|r| Recorded { step_uuid: r.step_uuid, accepted: r.accepted, state: r.state }).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| Recorded {
+            step_uuid: r.step_uuid,
+            accepted: r.accepted,
+            state: r.state,
+            dependents_enqueued: 0,
+            task_woken: r.accepted,
+        })
+        .collect())
 }

@@ -232,27 +232,32 @@ async fn an_expired_task_claim_passes_to_another_orchestrator_and_fences_the_fir
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn a_task_woken_while_claimed_stays_due_after_release(pool: PgPool) {
-    // a and b run in parallel; c waits for a.
-    let t = template("wake", "trio", &[("a", &[]), ("b", &[]), ("c", &["a"])]);
+    // a and b run in parallel.
+    let t = template("wake", "pair", &[("a", &[]), ("b", &[])]);
     publish(&pool, &t).await;
-    submit(&pool, &t, 1).await;
+    let task = submit(&pool, &t, 1).await[0];
     enqueue_pass(&pool, ORCH).await;
     let steps = claim_steps(&pool, "w", 10).await;
     let step = |name: &str| steps.iter().find(|s| s.name == name).unwrap().attempt_ref();
-    assert!(claim_all(&pool, ORCH).await.is_empty(), "nothing due yet");
 
-    // a completes: c became runnable, so the task is due; an orchestrator claims it.
+    // a completes beside a running b: nothing for an orchestrator to do.
     step_result::complete_steps(&pool, "w", &[Success { attempt: step("a"), result: serde_json::json!(1) }])
         .await
         .unwrap();
+    assert!(claim_all(&pool, ORCH).await.is_empty(), "not woken");
+
+    // Something else wakes it, and an orchestrator claims it.
+    sqlx::query("SELECT tasker.wake_tasks($1)").bind(vec![task]).execute(&pool).await.unwrap();
     let claim = claim_all(&pool, ORCH).await;
     assert_eq!(claim.len(), 1);
 
     // While it is held, b completes: nothing is in flight any more, so the task
     // is woken again, but stays claimed.
-    step_result::complete_steps(&pool, "w", &[Success { attempt: step("b"), result: serde_json::json!(2) }])
-        .await
-        .unwrap();
+    let recorded =
+        step_result::complete_steps(&pool, "w", &[Success { attempt: step("b"), result: serde_json::json!(2) }])
+            .await
+            .unwrap();
+    assert!(recorded[0].task_woken);
     assert!(claim_all(&pool, "other").await.is_empty(), "still held");
 
     let released = claim::release_task_claims(&pool, ORCH, &[Release::of(&claim[0], None)]).await.unwrap();
@@ -262,40 +267,57 @@ async fn a_task_woken_while_claimed_stays_due_after_release(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
-async fn a_completion_beside_running_siblings_wakes_nobody(pool: PgPool) {
+async fn completions_enqueue_what_they_unblock_and_wake_only_to_finish(pool: PgPool) {
     let t = template("quiet", "fan", &[("start", &[]), ("x", &["start"]), ("y", &["start"]), ("end", &["x", "y"])]);
     publish(&pool, &t).await;
-    submit(&pool, &t, 1).await;
+    let task = submit(&pool, &t, 1).await[0];
     enqueue_pass(&pool, ORCH).await;
     let start = claim_steps(&pool, "w", 10).await;
-    step_result::complete_steps(
+    let recorded = step_result::complete_steps(
         &pool,
         "w",
         &[Success { attempt: start[0].attempt_ref(), result: serde_json::json!(0) }],
     )
     .await
     .unwrap();
-    enqueue_pass(&pool, ORCH).await;
+    assert_eq!(recorded[0].dependents_enqueued, 2, "x and y, in the completing transaction");
+    assert!(!recorded[0].task_woken);
     let middle = claim_steps(&pool, "w", 10).await;
     assert_eq!(middle.len(), 2);
 
-    step_result::complete_steps(
+    let first = step_result::complete_steps(
         &pool,
         "w",
         &[Success { attempt: middle[0].attempt_ref(), result: serde_json::json!(1) }],
     )
     .await
     .unwrap();
-    assert!(claim_all(&pool, ORCH).await.is_empty(), "its sibling still runs: nothing for an orchestrator to do");
-
-    step_result::complete_steps(
+    assert_eq!((first[0].dependents_enqueued, first[0].task_woken), (0, false), "its sibling still runs");
+    let second = step_result::complete_steps(
         &pool,
         "w",
         &[Success { attempt: middle[1].attempt_ref(), result: serde_json::json!(2) }],
     )
     .await
     .unwrap();
-    assert_eq!(claim_all(&pool, ORCH).await.len(), 1, "the last one makes `end` runnable: the task is due");
+    assert_eq!(
+        (second[0].dependents_enqueued, second[0].task_woken),
+        (1, false),
+        "`end` enqueued, nothing to wake for"
+    );
+    assert!(claim_all(&pool, ORCH).await.is_empty());
+
+    let end = claim_steps(&pool, "w", 10).await;
+    let last = step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success { attempt: end[0].attempt_ref(), result: serde_json::json!(3) }],
+    )
+    .await
+    .unwrap();
+    assert!(last[0].task_woken, "all done: the orchestrator finalizes");
+    assert_eq!(claim_all(&pool, ORCH).await.len(), 1);
+    let _ = task;
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]

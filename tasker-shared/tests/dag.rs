@@ -48,12 +48,23 @@ async fn a_diamond_runs_a_then_b_and_c_together_then_d(pool: PgPool) {
     let t = diamond("dag");
     publish(&pool, &t).await;
     let task = submit(&pool, &t, 1).await[0];
+    let states = |pool: PgPool| async move {
+        let mut s = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            s.push(step_state(&pool, task, name).await);
+        }
+        s
+    };
+    use StepState::{Complete, Enqueued, InProgress, Pending};
 
+    // The orchestrator's first pass enqueues the root only.
     assert_eq!(enqueued_names(&pool, task).await, BTreeSet::from(["a".to_owned()]));
     assert!(enqueued_names(&pool, task).await.is_empty(), "nothing new before a completes");
     run_only_runnable_step(&pool, "a").await;
 
-    assert_eq!(enqueued_names(&pool, task).await, BTreeSet::from(["b".to_owned(), "c".to_owned()]));
+    // Completing a enqueues b and c in the same transaction: no pass needed.
+    assert_eq!(states(pool.clone()).await, [Complete, Enqueued, Enqueued, Pending]);
+    assert!(enqueued_names(&pool, task).await.is_empty(), "an orchestrator pass finds nothing more to do");
     let claims = claim_steps(&pool, "w", 10).await;
     assert_eq!(claims.len(), 2, "b and c run in parallel");
     let b = claims.iter().find(|c| c.name == "b").unwrap();
@@ -63,13 +74,18 @@ async fn a_diamond_runs_a_then_b_and_c_together_then_d(pool: PgPool) {
     step_result::complete_steps(&pool, "w", &[Success { attempt: b.attempt_ref(), result: serde_json::json!("b") }])
         .await
         .unwrap();
-    assert!(enqueued_names(&pool, task).await.is_empty(), "d waits for c");
-    assert_eq!(step_state(&pool, task, "d").await, StepState::Pending);
+    assert_eq!(states(pool.clone()).await, [Complete, Complete, InProgress, Pending], "d waits for c");
+    assert!(claim_all(&pool, ORCH).await.is_empty(), "c still runs: the task is not woken");
 
-    step_result::complete_steps(&pool, "w", &[Success { attempt: c.attempt_ref(), result: serde_json::json!("c") }])
-        .await
-        .unwrap();
-    assert_eq!(enqueued_names(&pool, task).await, BTreeSet::from(["d".to_owned()]));
+    let recorded = step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success { attempt: c.attempt_ref(), result: serde_json::json!("c") }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(recorded[0].dependents_enqueued, 1);
+    assert_eq!(states(pool.clone()).await, [Complete, Complete, Complete, Enqueued]);
     let d = claim_steps(&pool, "w", 10).await;
     assert_eq!(d[0].dependency_results, serde_json::json!({"b": "b", "c": "c"}));
     assert_invariants(&pool).await;

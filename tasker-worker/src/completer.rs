@@ -30,6 +30,8 @@ pub struct Outcome {
     pub task_uuid: Uuid,
     /// Its handler (a metric label).
     pub handler: String,
+    /// Its namespace (whose step channel its dependents are announced on).
+    pub namespace: String,
     /// What the handler returned.
     pub result: StepResult,
     /// How long the handler ran.
@@ -122,7 +124,9 @@ async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatis
             tracing::info!(step = %step, attempt = outcome.attempt.attempt, "outcome rejected: the attempt no longer owns the step (cancelled or taken over)");
             continue;
         }
-        woken.insert(outcome.task_uuid);
+        if recorded.iter().any(|r| r.step_uuid == step && r.task_woken) {
+            woken.insert(outcome.task_uuid);
+        }
         match &outcome.result {
             Ok(_) => {
                 metrics::counter_with(names::STEPS_COMPLETED, "handler", &outcome.handler);
@@ -134,6 +138,18 @@ async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatis
                 tracing::info!(step = %step, attempt = outcome.attempt.attempt, retryable = err.retryable, error = %err.message, "step attempt failed");
             }
         }
+    }
+    let mut namespaces: Vec<&str> = batch
+        .iter()
+        .filter(|o| recorded.iter().any(|r| r.step_uuid == o.attempt.step_uuid && r.dependents_enqueued > 0))
+        .map(|o| o.namespace.as_str())
+        .collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    let enqueued: i32 = recorded.iter().map(|r| r.dependents_enqueued).sum();
+    if enqueued > 0 {
+        metrics::counter_by(names::STEPS_ENQUEUED, u64::try_from(enqueued).unwrap_or(0));
+        metrics::notifications_sent("steps", namespaces.len() as u64);
     }
     if !woken.is_empty() {
         metrics::tasks_made_ready("step_result", woken.len() as u64);

@@ -241,7 +241,14 @@ async fn run_attempt(claim: StepClaim, shared: &Shared) {
     let elapsed = started.elapsed();
     metrics::step_duration(&claim.handler, elapsed);
     shared.inflight.mark_finished(&attempt);
-    let outcome = Outcome { attempt, task_uuid: claim.task_uuid, handler: claim.handler, result, elapsed };
+    let outcome = Outcome {
+        attempt,
+        task_uuid: claim.task_uuid,
+        handler: claim.handler,
+        namespace: claim.namespace,
+        result,
+        elapsed,
+    };
     if shared.outcomes.send(outcome).await.is_err() {
         tracing::error!(step = %attempt.step_uuid, "completer stopped before the outcome was recorded");
     }
