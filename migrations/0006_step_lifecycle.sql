@@ -215,6 +215,8 @@ DECLARE
     woken_tasks    uuid[];
     enqueued_steps uuid[];
     enqueued_ns    text[];
+    runnable_steps uuid[];
+    runnable_tasks uuid[];
 BEGIN
     PERFORM tasker.lock_tasks_of_steps(p_step_uuids);
 
@@ -249,18 +251,31 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Dependents whose every dependency is now complete, in running tasks.
-    WITH runnable AS (
-        SELECT DISTINCT d.step_uuid, d.namespace
+    -- Dependents of the completed steps whose every dependency is now
+    -- complete. Driven from the completed steps' edges (MATERIALIZED keeps the
+    -- planner from starting at "all pending steps" when statistics lag).
+    WITH children AS MATERIALIZED (
+        SELECT DISTINCT e.to_step_uuid AS step_uuid
         FROM tasker.workflow_step_edges e
-        JOIN tasker.workflow_steps d ON d.step_uuid = e.to_step_uuid
-        JOIN tasker.tasks t ON t.task_uuid = d.task_uuid
         WHERE e.from_step_uuid = ANY (accepted_steps)
-          AND d.state = 'pending' AND t.state = 'steps_in_process'
-          AND NOT EXISTS (SELECT 1
-                          FROM tasker.workflow_step_edges e2
-                          JOIN tasker.workflow_steps p ON p.step_uuid = e2.from_step_uuid
-                          WHERE e2.to_step_uuid = d.step_uuid AND p.state <> 'complete')
+    )
+    SELECT array_agg(d.step_uuid), array_agg(d.task_uuid)
+    INTO runnable_steps, runnable_tasks
+    FROM children c
+    JOIN tasker.workflow_steps d ON d.step_uuid = c.step_uuid
+    WHERE d.state = 'pending'
+      AND NOT EXISTS (SELECT 1
+                      FROM tasker.workflow_step_edges e2
+                      JOIN tasker.workflow_steps p ON p.step_uuid = e2.from_step_uuid
+                      WHERE e2.to_step_uuid = d.step_uuid AND p.state <> 'complete');
+
+    -- Enqueue those of running tasks.
+    WITH runnable AS MATERIALIZED (
+        SELECT d.step_uuid, d.namespace
+        FROM unnest(coalesce(runnable_steps, '{}')) AS r(step_uuid)
+        JOIN tasker.workflow_steps d ON d.step_uuid = r.step_uuid
+        JOIN tasker.tasks t ON t.task_uuid = d.task_uuid
+        WHERE t.state = 'steps_in_process'
     ), locked AS (
         SELECT s.step_uuid, r.namespace
         FROM tasker.workflow_steps s JOIN runnable r ON r.step_uuid = s.step_uuid
@@ -296,14 +311,9 @@ BEGIN
     WHERE NOT EXISTS (SELECT 1 FROM tasker.workflow_steps s
                       WHERE s.task_uuid = t.task_uuid AND s.state IN ('enqueued', 'in_progress'))
        OR EXISTS (SELECT 1
-                  FROM tasker.workflow_step_edges e
-                  JOIN tasker.workflow_steps d ON d.step_uuid = e.to_step_uuid
-                  WHERE e.from_step_uuid = ANY (accepted_steps)
-                    AND d.task_uuid = t.task_uuid AND d.state = 'pending'
-                    AND NOT EXISTS (SELECT 1
-                                    FROM tasker.workflow_step_edges e2
-                                    JOIN tasker.workflow_steps p ON p.step_uuid = e2.from_step_uuid
-                                    WHERE e2.to_step_uuid = d.step_uuid AND p.state <> 'complete'));
+                  FROM unnest(coalesce(runnable_steps, '{}'), coalesce(runnable_tasks, '{}')) AS r(step_uuid, task_uuid)
+                  WHERE r.task_uuid = t.task_uuid
+                    AND NOT r.step_uuid = ANY (coalesce(enqueued_steps, '{}')));
     IF woken_tasks IS NOT NULL THEN
         PERFORM tasker.wake_tasks(woken_tasks);
     END IF;
@@ -311,17 +321,19 @@ BEGIN
     -- Each enqueued dependent is credited to one completed parent of this call.
     RETURN QUERY
     WITH credit AS (
-        SELECT min(e.from_step_uuid::text)::uuid AS parent
-        FROM unnest(coalesce(enqueued_steps, '{}')) AS d(step_uuid)
-        JOIN tasker.workflow_step_edges e ON e.to_step_uuid = d.step_uuid
-        WHERE e.from_step_uuid = ANY (accepted_steps)
-        GROUP BY d.step_uuid
+        SELECT c.parent, count(*)::integer AS n
+        FROM (SELECT min(e.from_step_uuid::text)::uuid AS parent
+              FROM unnest(coalesce(enqueued_steps, '{}')) AS d(step_uuid)
+              JOIN tasker.workflow_step_edges e ON e.to_step_uuid = d.step_uuid
+              WHERE e.from_step_uuid = ANY (accepted_steps)
+              GROUP BY d.step_uuid) c
+        GROUP BY c.parent
     )
-    SELECT i.step_uuid, i.step_uuid = ANY (accepted_steps),
-           (SELECT count(*)::integer FROM credit c WHERE c.parent = i.step_uuid),
-           coalesce((SELECT s.task_uuid = ANY (woken_tasks) FROM tasker.workflow_steps s
-                     WHERE s.step_uuid = i.step_uuid), false)
-    FROM unnest(p_step_uuids) AS i(step_uuid);
+    SELECT i.step_uuid, i.step_uuid = ANY (accepted_steps), coalesce(cr.n, 0),
+           coalesce(s.task_uuid = ANY (woken_tasks), false)
+    FROM unnest(p_step_uuids) AS i(step_uuid)
+    LEFT JOIN credit cr ON cr.parent = i.step_uuid
+    LEFT JOIN tasker.workflow_steps s ON s.step_uuid = i.step_uuid;
 END
 $$;
 

@@ -5,13 +5,20 @@
 
 use std::collections::BTreeSet;
 
-/// Processes whose command line mentions a tasker binary or a throwaway
-/// PostgreSQL directory.
+/// Processes started from this build's binaries (the demo's children), or
+/// running a throwaway PostgreSQL. Other tasker processes on the machine (a
+/// compose deployment, say) do not count.
 fn tasker_processes() -> BTreeSet<String> {
+    let bin_dir = tasker_tests::process::find_binary("tasker-orchestrator")
+        .unwrap()
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
     let output = std::process::Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter(|l| l.contains("tasker-orchestrator") || l.contains("tasker-worker") || l.contains("tasker-pg."))
+        .filter(|l| l.contains(&format!("{bin_dir}/tasker-")) || l.contains("tasker-pg."))
         .filter(|l| !l.contains(" ps -eo"))
         .map(str::to_owned)
         .collect()
