@@ -65,6 +65,7 @@ fn main() -> std::process::ExitCode {
 async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let pool = tasker_shared::db::connect_lazy(settings.database_url(), &Default::default())?;
     tasker_shared::db::migrate(&pool).await?;
+    pool.close().await;
     tracing::info!("schema is up to date");
     Ok(())
 }
