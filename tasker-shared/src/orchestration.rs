@@ -104,12 +104,16 @@ pub struct StepSummary {
 /// Summarizes the steps of each task.
 pub async fn summarize_steps(executor: impl PgExecutor<'_>, task_uuids: &[Uuid]) -> Result<Vec<StepSummary>> {
     let rows = sqlx::query!(
-        r#"SELECT s.task_uuid, s.state AS "state: StepState", count(*) AS "n!",
-                  min(s.next_retry_at) AS next_retry_at
-           FROM tasker.workflow_steps s
-           WHERE s.task_uuid = ANY ($1)
-           GROUP BY s.task_uuid, s.state
-           ORDER BY s.task_uuid"#,
+        // Per task through its index (a LATERAL aggregate): as one GROUP BY
+        // over `task_uuid = ANY ($1)`, default or stale statistics let the
+        // planner scan the whole steps table instead (migrations/0009).
+        r#"SELECT t.task_uuid AS "task_uuid!", s.state AS "state!: StepState", s.n AS "n!", s.next_retry_at
+           FROM (SELECT DISTINCT u FROM unnest($1::uuid[]) AS u) AS t(task_uuid)
+           CROSS JOIN LATERAL (SELECT s.state, count(*) AS n, min(s.next_retry_at) AS next_retry_at
+                               FROM tasker.workflow_steps s
+                               WHERE s.task_uuid = t.task_uuid
+                               GROUP BY s.state) AS s
+           ORDER BY t.task_uuid"#,
         task_uuids,
     )
     .fetch_all(executor)

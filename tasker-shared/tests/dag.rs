@@ -199,3 +199,66 @@ fn collect_scans<'a>(node: &'a serde_json::Value, out: &mut Vec<&'a serde_json::
         collect_scans(child, out);
     }
 }
+
+/// The step lifecycle's hot statements read the steps and edges tables by key,
+/// never by scanning them, even when the planner has no statistics yet: a
+/// fresh database under a bulk load, where a scan per completion batch (or per
+/// claimed step) cut `tasker bench diamond` to a third (migrations/0009).
+/// Counted with `pg_stat_xact_user_tables` over one transaction that runs 16
+/// of 5,000 diamonds through orchestration, claims and completions in batches
+/// of a worker's default size. (Batches that are a large share of a small
+/// table may rightly be scanned; that is not what this guards.)
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn hot_statements_never_scan_steps_or_edges(pool: PgPool) {
+    use tasker_shared::claim::{self, DiscoveredVia};
+    use tasker_shared::orchestration;
+
+    let t = diamond("scan");
+    publish(&pool, &t).await;
+    submit(&pool, &t, 5_000).await;
+
+    let mut tx = pool.begin().await.unwrap();
+    let claims = claim::claim_ready_tasks(&mut *tx, ORCH, 16, LEASE, DiscoveredVia::Poll).await.unwrap();
+    assert_eq!(claims.len(), 16);
+    orchestration::lock_claimed_tasks(&mut tx, ORCH, &claims).await.unwrap();
+    let uuids: Vec<Uuid> = claims.iter().map(|c| c.task_uuid).collect();
+    assert_eq!(orchestration::summarize_steps(&mut *tx, &uuids).await.unwrap().len(), 16);
+    let enqueued = orchestration::enqueue_ready_steps(&mut *tx, ORCH, &claims).await.unwrap();
+    assert_eq!(enqueued.len(), 16, "every claimed task's root step");
+    let started: Vec<orchestration::TaskTransition> = claims
+        .iter()
+        .map(|c| orchestration::TaskTransition {
+            task_uuid: c.task_uuid,
+            claim_seq: c.claim_seq,
+            from: tasker_shared::state_machine::TaskState::Pending,
+            to: tasker_shared::state_machine::TaskState::StepsInProcess,
+            reason: "steps enqueued".into(),
+        })
+        .collect();
+    orchestration::transition_tasks(&mut *tx, ORCH, &started).await.unwrap();
+
+    // a, then b and c (enqueued by a's completion), then d.
+    let mut completed = 0;
+    for expected in [16, 32, 16] {
+        let claims = claim::claim_steps(&mut *tx, "w", None, 32, LEASE).await.unwrap();
+        assert_eq!(claims.len(), expected);
+        let successes: Vec<Success> =
+            claims.iter().map(|c| Success { attempt: c.attempt_ref(), result: serde_json::json!(c.name) }).collect();
+        let recorded = step_result::complete_steps(&mut *tx, "w", &successes).await.unwrap();
+        assert!(recorded.iter().all(|r| r.accepted));
+        completed += recorded.len();
+    }
+    assert_eq!(completed, 64, "four steps of 16 diamonds ran");
+
+    let scans: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT relname::text, seq_scan FROM pg_stat_xact_user_tables
+         WHERE schemaname = 'tasker' AND relname IN ('workflow_steps', 'workflow_step_edges')
+         ORDER BY relname",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(scans.len(), 2, "both tables were read: {scans:?}");
+    assert!(scans.iter().all(|(_, n)| *n == 0), "sequential scans in the hot path: {scans:?}");
+    tx.rollback().await.unwrap();
+}

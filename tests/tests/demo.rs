@@ -9,12 +9,8 @@ use std::collections::BTreeSet;
 /// running a throwaway PostgreSQL. Other tasker processes on the machine (a
 /// compose deployment, say) do not count.
 fn tasker_processes() -> BTreeSet<String> {
-    let bin_dir = tasker_tests::process::find_binary("tasker-orchestrator")
-        .unwrap()
-        .parent()
-        .unwrap()
-        .display()
-        .to_string();
+    let bin_dir =
+        tasker_tests::process::find_binary("tasker-orchestrator").unwrap().parent().unwrap().display().to_string();
     let output = std::process::Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
     String::from_utf8_lossy(&output.stdout)
         .lines()

@@ -18,6 +18,7 @@
 //! per transaction, 2 clients, 15 s; every throughput is also printed as a
 //! ratio to it.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -159,6 +160,13 @@ pub struct Report {
     pub transactions_per_step: f64,
     /// Statements per step over the drain (`pg_stat_statements`).
     pub statements_per_step: f64,
+    /// PostgreSQL's CPU time per step over the drain, milliseconds: every
+    /// server process (backends and background processes) read from `/proc`.
+    /// `None` when the server does not run on this machine.
+    pub server_cpu_ms_per_step: Option<f64>,
+    /// PostgreSQL's CPU time over the drain divided by the drain: how many
+    /// cores the database kept busy.
+    pub server_cores_busy: Option<f64>,
     /// Per process.
     pub processes: Vec<ProcessReport>,
 }
@@ -234,6 +242,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     }
     let submit_elapsed = submit_started.elapsed().as_secs_f64();
     let (xacts_before, statements_before) = counters(&db.pool).await?;
+    let server_cpu_before = server_cpu(&db.pool).await?;
     for i in 0..options.workers {
         services.push(start_service(Binary::Worker, &format!("bench-worker-{i}"), &db.url, &env, logs.path()).await?);
     }
@@ -245,6 +254,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     };
     wait_for_final(&db.pool, i64::try_from(total)?, Duration::from_secs(1800)).await?;
     let (xacts_after, statements_after) = counters(&db.pool).await?;
+    let server_cpu_after = server_cpu(&db.pool).await?;
 
     let processes: Vec<ProcessReport> =
         services.iter().map(|s| ProcessReport { name: s.name.clone(), usage: s.resource_usage() }).collect();
@@ -257,6 +267,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     .fetch_one(&db.pool)
     .await?;
     let (tasks_done, steps, drain) = row;
+    let server_cpu_seconds = server_cpu_used(server_cpu_before.as_ref(), server_cpu_after.as_ref());
     let latency =
         percentiles(&db.pool, "SELECT extract(epoch FROM completed_at - created_at) * 1000 FROM tasker.tasks").await?;
     let hop_task = percentiles(
@@ -293,6 +304,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         hop_step_pickup_ms: hop_step,
         transactions_per_step: (xacts_after - xacts_before) / steps as f64,
         statements_per_step: (statements_after - statements_before) / steps as f64,
+        server_cpu_ms_per_step: server_cpu_seconds.map(|s| s * 1000.0 / steps as f64),
+        server_cores_busy: server_cpu_seconds.map(|s| s / drain),
         processes,
     };
     print(&report);
@@ -330,6 +343,31 @@ async fn submit_steadily(api: &ApiClient, total: usize, rate: u64) -> anyhow::Re
         api.submit(&json!({"namespace": "bench", "name": "latency"})).await?;
     }
     Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// CPU seconds used so far by each process of the PostgreSQL server (every pid
+/// in `pg_stat_activity`, which lists background processes too), or `None`
+/// when they are not processes of this machine.
+async fn server_cpu(pool: &PgPool) -> anyhow::Result<Option<HashMap<i32, f64>>> {
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity").fetch_all(pool).await?;
+    let usage: HashMap<i32, f64> = pids
+        .iter()
+        .filter_map(|&pid| {
+            let usage = crate::process::resource_usage(u32::try_from(pid).ok()?)?;
+            Some((pid, usage.cpu_seconds))
+        })
+        .collect();
+    // Our own connection's backend is always listed; if even it cannot be
+    // read, the server is elsewhere (or its pids are in another namespace).
+    Ok((!usage.is_empty()).then_some(usage))
+}
+
+/// CPU the server used between two readings. A process that started in
+/// between counts from zero; one that ended in between is missed (the
+/// services keep their connections, so those are few and short).
+fn server_cpu_used(before: Option<&HashMap<i32, f64>>, after: Option<&HashMap<i32, f64>>) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    Some(after.iter().map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0)).sum())
 }
 
 /// Committed transactions (this database) and statements (this database).
@@ -386,6 +424,12 @@ fn print(r: &Report) {
     println!("  hop: step enqueued -> claimed ms               {}", p(&r.hop_step_pickup_ms));
     println!("  transactions per step                          {:.2}", r.transactions_per_step);
     println!("  statements per step                            {:.2}", r.statements_per_step);
+    match (r.server_cpu_ms_per_step, r.server_cores_busy) {
+        (Some(per_step), Some(cores)) => println!(
+            "  PostgreSQL cpu per step                        {per_step:.3} ms  ({cores:.2} cores busy over the drain)"
+        ),
+        _ => println!("  PostgreSQL cpu per step                        (server not on this machine)"),
+    }
     for process in &r.processes {
         match process.usage {
             Some(u) => println!(
