@@ -175,17 +175,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Bench { workload, json } => {
-            let mut postgres = None;
-            let admin_url = match std::env::var("DATABASE_URL") {
-                Ok(url) => url,
-                Err(_) => {
-                    eprintln!("starting a throwaway PostgreSQL...");
-                    let pg = tasker_cli::local_postgres::LocalPostgres::start()?;
-                    let url = pg.url();
-                    postgres = Some(pg);
-                    url
-                }
-            };
+            let (admin_url, postgres) = database_or_throwaway()?;
             let result = match workload {
                 BenchWorkload::Statistics { tasks } => {
                     let options = tasker_cli::bench::statistics::Options { tasks, admin_url };
@@ -215,17 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Chaos { minutes, rate, seed } => {
-            let mut postgres = None;
-            let admin_url = match std::env::var("DATABASE_URL") {
-                Ok(url) => url,
-                Err(_) => {
-                    eprintln!("starting a throwaway PostgreSQL...");
-                    let pg = tasker_cli::local_postgres::LocalPostgres::start()?;
-                    let url = pg.url();
-                    postgres = Some(pg);
-                    url
-                }
-            };
+            let (admin_url, postgres) = database_or_throwaway()?;
             let seed = seed.unwrap_or_else(|| fastrand::u64(..));
             let result = tasker_cli::chaos::run(tasker_cli::chaos::Options { admin_url, minutes, rate, seed }).await;
             drop(postgres);
@@ -314,4 +294,15 @@ async fn throughput(admin_url: String, workload: Workload, args: ThroughputArgs)
         env: args.env,
     };
     Ok(serde_json::to_value(tasker_cli::bench::throughput::run(options).await?)?)
+}
+
+/// `DATABASE_URL` when set; otherwise a throwaway PostgreSQL, returned so the
+/// caller keeps it alive (it is stopped and deleted when dropped).
+fn database_or_throwaway() -> anyhow::Result<(String, Option<tasker_cli::local_postgres::LocalPostgres>)> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Ok((url, None));
+    }
+    eprintln!("starting a throwaway PostgreSQL...");
+    let postgres = tasker_cli::local_postgres::LocalPostgres::start()?;
+    Ok((postgres.url(), Some(postgres)))
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -91,4 +92,36 @@ pub async fn wait_for_final(pool: &PgPool, expected: i64, timeout: Duration) -> 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 95th.
+    pub p95: f64,
+    /// 99th.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// The percentiles of one column of values (`values_sql` selects them), from
+/// the database itself; NaN when there are none.
+pub async fn percentiles(pool: &PgPool, values_sql: &str) -> anyhow::Result<Percentiles> {
+    let query = format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v), percentile_cont(0.95) WITHIN GROUP (ORDER BY v),
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY v), max(v)
+         FROM (SELECT v::float8 FROM ({values_sql}) AS i(v)) AS x(v)"
+    );
+    let (p50, p95, p99, max): (Option<f64>, Option<f64>, Option<f64>, Option<f64>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(query)).fetch_one(pool).await?;
+    let nan = f64::NAN;
+    Ok(Percentiles {
+        p50: p50.unwrap_or(nan),
+        p95: p95.unwrap_or(nan),
+        p99: p99.unwrap_or(nan),
+        max: max.unwrap_or(nan),
+    })
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::{BenchDatabase, start_service, wait_for_final};
+use super::{BenchDatabase, Percentiles, percentiles, start_service, wait_for_final};
 use crate::client::ApiClient;
 use crate::process::{Binary, ResourceUsage};
 
@@ -33,19 +33,6 @@ pub struct Options {
     pub rate: u64,
     /// Seconds of load.
     pub load_secs: u64,
-}
-
-/// Latency percentiles, milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: f64,
-    /// 95th.
-    pub p95: f64,
-    /// 99th.
-    pub p99: f64,
-    /// Maximum.
-    pub max: f64,
 }
 
 /// One mode's numbers.
@@ -178,23 +165,6 @@ pub async fn run_mode(options: &Options, mode: &'static str, logs: &std::path::P
     worker.terminate(Duration::from_secs(30)).await?;
     db.drop_database().await?;
     Ok(report)
-}
-
-async fn percentiles(pool: &PgPool, values_sql: &str) -> anyhow::Result<Percentiles> {
-    let query = format!(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v), percentile_cont(0.95) WITHIN GROUP (ORDER BY v),
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY v), max(v)::float8
-         FROM (SELECT v::float8 FROM ({values_sql}) AS i(v)) AS x(v)"
-    );
-    let (p50, p95, p99, max): (Option<f64>, Option<f64>, Option<f64>, Option<f64>) =
-        sqlx::query_as(sqlx::AssertSqlSafe(query)).fetch_one(pool).await?;
-    let nan = f64::NAN;
-    Ok(Percentiles {
-        p50: p50.unwrap_or(nan),
-        p95: p95.unwrap_or(nan),
-        p99: p99.unwrap_or(nan),
-        max: max.unwrap_or(nan),
-    })
 }
 
 fn print(options: &Options, reports: &[ModeReport]) {

@@ -28,7 +28,7 @@ use sqlx::PgPool;
 use tasker_shared::tasks::{self, NewTask};
 use tasker_shared::template::{self, TaskTemplate};
 
-use super::{BenchDatabase, start_service, wait_for_final};
+use super::{BenchDatabase, Percentiles, percentiles, start_service, wait_for_final};
 use crate::client::ApiClient;
 use crate::process::{Binary, ResourceUsage, ServiceProcess};
 
@@ -107,19 +107,6 @@ pub struct Options {
     pub tasks: Option<usize>,
     /// Extra environment for every service (`KEY=VALUE`).
     pub env: Vec<(String, String)>,
-}
-
-/// Latency percentiles, milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: f64,
-    /// 95th.
-    pub p95: f64,
-    /// 99th.
-    pub p99: f64,
-    /// Maximum.
-    pub max: f64,
 }
 
 /// One process's resources.
@@ -383,23 +370,6 @@ async fn counters(pool: &PgPool) -> anyhow::Result<(f64, f64)> {
     .fetch_one(pool)
     .await?;
     Ok((xacts.unwrap_or(0.0), statements.unwrap_or(0.0)))
-}
-
-async fn percentiles(pool: &PgPool, values_sql: &str) -> anyhow::Result<Percentiles> {
-    let query = format!(
-        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v), percentile_cont(0.95) WITHIN GROUP (ORDER BY v),
-                percentile_cont(0.99) WITHIN GROUP (ORDER BY v), max(v)
-         FROM (SELECT v::float8 FROM ({values_sql}) AS i(v)) AS x(v)"
-    );
-    let (p50, p95, p99, max): (Option<f64>, Option<f64>, Option<f64>, Option<f64>) =
-        sqlx::query_as(sqlx::AssertSqlSafe(query)).fetch_one(pool).await?;
-    let nan = f64::NAN;
-    Ok(Percentiles {
-        p50: p50.unwrap_or(nan),
-        p95: p95.unwrap_or(nan),
-        p99: p99.unwrap_or(nan),
-        max: max.unwrap_or(nan),
-    })
 }
 
 fn print(r: &Report) {
