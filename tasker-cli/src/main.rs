@@ -145,6 +145,10 @@ struct ThroughputArgs {
     /// Extra environment for every service, KEY=VALUE (repeatable).
     #[arg(long = "env", value_parser = parse_key_value)]
     env: Vec<(String, String)>,
+    /// Keep the benchmark's database afterwards, to study its history (only
+    /// with DATABASE_URL; a throwaway server is deleted anyway).
+    #[arg(long)]
+    keep_database: bool,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -292,6 +296,7 @@ async fn throughput(admin_url: String, workload: Workload, args: ThroughputArgs)
         workers: args.workers,
         tasks: args.tasks,
         env: args.env,
+        keep_database: args.keep_database,
     };
     Ok(serde_json::to_value(tasker_cli::bench::throughput::run(options).await?)?)
 }

@@ -92,6 +92,68 @@ impl Workload {
     }
 }
 
+/// Where submit-to-complete time goes, segment by segment (medians and p99s
+/// over every task or step). Step history rows carry the clock time of the
+/// statement that wrote them, so each segment spans one hand-off: a commit,
+/// the notification it sends, and the next statement's work up to its write.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Breakdown {
+    /// Task created (its transaction's start) to its first step enqueued: the
+    /// submission's commit and notification, the orchestrator's claim, and its
+    /// pass up to the enqueue.
+    pub submit_to_enqueued_ms: Percentiles,
+    /// Step enqueued to a worker's claim of it: the enqueuing commit, the
+    /// notification, and the claim.
+    pub enqueued_to_claimed_ms: Percentiles,
+    /// Step claimed to its result recorded: the claim's commit, the handler,
+    /// and the completer's statement up to its write.
+    pub claimed_to_completed_ms: Percentiles,
+    /// Last step's result recorded to the task final: the completion's commit
+    /// and notification, the orchestrator's claim, and its finalizing pass.
+    pub completed_to_final_ms: Percentiles,
+}
+
+impl Breakdown {
+    async fn measure(pool: &PgPool) -> anyhow::Result<Self> {
+        Ok(Breakdown {
+            submit_to_enqueued_ms: percentiles(
+                pool,
+                "SELECT extract(epoch FROM (SELECT min(st.created_at) FROM tasker.workflow_step_transitions st
+                                            WHERE st.task_uuid = t.task_uuid AND st.to_state = 'enqueued')
+                                          - t.created_at) * 1000
+                 FROM tasker.tasks t",
+            )
+            .await?,
+            enqueued_to_claimed_ms: percentiles(
+                pool,
+                "SELECT extract(epoch FROM s.created_at - e.created_at) * 1000
+                 FROM tasker.workflow_step_transitions s
+                 JOIN tasker.workflow_step_transitions e
+                   ON e.step_uuid = s.step_uuid AND e.to_state = 'enqueued' AND e.attempt = 0
+                 WHERE s.to_state = 'in_progress' AND s.attempt = 1",
+            )
+            .await?,
+            claimed_to_completed_ms: percentiles(
+                pool,
+                "SELECT extract(epoch FROM c.created_at - s.created_at) * 1000
+                 FROM tasker.workflow_step_transitions c
+                 JOIN tasker.workflow_step_transitions s
+                   ON s.step_uuid = c.step_uuid AND s.to_state = 'in_progress' AND s.attempt = c.attempt
+                 WHERE c.to_state = 'complete'",
+            )
+            .await?,
+            completed_to_final_ms: percentiles(
+                pool,
+                "SELECT extract(epoch FROM t.completed_at
+                                          - (SELECT max(st.created_at) FROM tasker.workflow_step_transitions st
+                                             WHERE st.task_uuid = t.task_uuid AND st.to_state = 'complete')) * 1000
+                 FROM tasker.tasks t",
+            )
+            .await?,
+        })
+    }
+}
+
 /// Options of a throughput benchmark.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -107,6 +169,8 @@ pub struct Options {
     pub tasks: Option<usize>,
     /// Extra environment for every service (`KEY=VALUE`).
     pub env: Vec<(String, String)>,
+    /// Leave the database in place afterwards.
+    pub keep_database: bool,
 }
 
 /// One process's resources.
@@ -143,6 +207,8 @@ pub struct Report {
     pub hop_task_claim_ms: Percentiles,
     /// Step enqueued to a worker's claim.
     pub hop_step_pickup_ms: Percentiles,
+    /// The path of a task, segment by segment (see [`Breakdown`]).
+    pub breakdown: Breakdown,
     /// Committed transactions per step over the drain (`pg_stat_database`).
     pub transactions_per_step: f64,
     /// Statements per step over the drain (`pg_stat_statements`).
@@ -264,18 +330,15 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
                                   - t.created_at) * 1000 FROM tasker.tasks t",
     )
     .await?;
-    let hop_step = percentiles(
-        &db.pool,
-        "SELECT extract(epoch FROM s.created_at - e.created_at) * 1000
-         FROM tasker.workflow_step_transitions s
-         JOIN tasker.workflow_step_transitions e ON e.step_uuid = s.step_uuid AND e.to_state = 'enqueued' AND e.attempt = 0
-         WHERE s.to_state = 'in_progress' AND s.attempt = 1",
-    )
-    .await?;
+    let breakdown = Breakdown::measure(&db.pool).await?;
     for service in &mut services {
         let _ = service.terminate(Duration::from_secs(30)).await;
     }
-    db.drop_database().await?;
+    if options.keep_database {
+        eprintln!("kept the database: {}", db.url);
+    } else {
+        db.drop_database().await?;
+    }
 
     let report = Report {
         workload,
@@ -288,7 +351,8 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         steps_per_sec: steps as f64 / drain,
         latency_ms: latency,
         hop_task_claim_ms: hop_task,
-        hop_step_pickup_ms: hop_step,
+        hop_step_pickup_ms: breakdown.enqueued_to_claimed_ms,
+        breakdown,
         transactions_per_step: (xacts_after - xacts_before) / steps as f64,
         statements_per_step: (statements_after - statements_before) / steps as f64,
         server_cpu_ms_per_step: server_cpu_seconds.map(|s| s * 1000.0 / steps as f64),
@@ -392,6 +456,10 @@ fn print(r: &Report) {
     println!("  submit-to-complete ms                          {}", p(&r.latency_ms));
     println!("  hop: task due -> first pass ms                 {}", p(&r.hop_task_claim_ms));
     println!("  hop: step enqueued -> claimed ms               {}", p(&r.hop_step_pickup_ms));
+    let b = &r.breakdown;
+    println!("  path: submitted -> first step enqueued ms      {}", p(&b.submit_to_enqueued_ms));
+    println!("  path: step claimed -> result recorded ms       {}", p(&b.claimed_to_completed_ms));
+    println!("  path: last result -> task final ms             {}", p(&b.completed_to_final_ms));
     println!("  transactions per step                          {:.2}", r.transactions_per_step);
     println!("  statements per step                            {:.2}", r.statements_per_step);
     match (r.server_cpu_ms_per_step, r.server_cores_busy) {
