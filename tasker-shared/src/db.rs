@@ -50,12 +50,19 @@ pub fn connect_options(database_url: &str, application_name: &str) -> Result<PgC
 
 /// Opens a pool. Connections are made lazily, so a service can start (and
 /// report not-ready) while the database is down, and reconnects by itself.
+///
+/// Connections are not pinged when taken from the pool (sqlx's default is a
+/// round trip before every statement's acquire, on the path of every hop). A
+/// connection that died while idle fails its next statement with an I/O
+/// error instead, which every caller treats as transient and retries on a
+/// fresh connection.
 pub fn connect_lazy(database_url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx::Error> {
     let options = connect_options(database_url, &settings.application_name)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(settings.min_connections)
         .acquire_timeout(settings.acquire_timeout)
+        .test_before_acquire(false)
         .connect_lazy_with(options))
 }
 

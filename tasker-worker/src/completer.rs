@@ -2,21 +2,27 @@
 //! write goes in one `complete_steps` and one `fail_steps` call. Under load
 //! this turns many completions into few transactions; when idle, a single
 //! outcome is written at once (no artificial delay).
+//!
+//! A completion that makes dependents runnable also claims, in its own
+//! transaction, as much of that work as the worker has room for, and starts
+//! it at once: along a chain of steps, the next step begins without a claim
+//! transaction or a notification round trip of its own.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tasker_shared::claim::AttemptRef;
+use tasker_shared::claim::{self, AttemptRef, StepClaim};
 use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::step_result::{self, Failure, Recorded, Success};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use uuid::Uuid;
 
 use crate::handler::StepResult;
 use crate::inflight::InFlight;
+use crate::worker::Continuation;
 
 /// Most outcomes written in one batch.
 const MAX_BATCH: usize = 256;
@@ -36,15 +42,21 @@ pub struct Outcome {
     pub result: StepResult,
     /// How long the handler ran.
     pub elapsed: std::time::Duration,
+    /// The attempt's unit of the worker's capacity, held until the outcome is
+    /// recorded and then given back or passed to a continuation claim.
+    pub slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Writes outcomes until the sender side closes and everything is written.
+/// Successes that make dependents runnable also claim work for the free
+/// capacity, in the same transaction, and start it (see [`Continuation`]).
 pub async fn run(
     pool: PgPool,
     worker_id: String,
     mut outcomes: mpsc::Receiver<Outcome>,
     inflight: Arc<InFlight>,
     stats: SampledStatisticsCollector,
+    continuation: Continuation,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = outcomes.recv().await {
@@ -56,40 +68,34 @@ pub async fn run(
             }
         }
         let started = std::time::Instant::now();
-        if let Some(recorded) = record_with_retry(&pool, &worker_id, &batch).await {
-            account(&batch, &recorded, &stats).await;
+        let (successes, failures) = split(&batch);
+        let mut slots: Vec<OwnedSemaphorePermit> = batch.iter_mut().filter_map(|o| o.slot.take()).collect();
+        let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
+        if !successes.is_empty() {
+            let held = slots.len();
+            let written =
+                with_retry(successes.len(), || complete(&pool, &worker_id, &successes, held, &continuation)).await;
+            if let Some(written) = written {
+                recorded.extend(written.recorded);
+                slots.extend(written.extra);
+                let continued = written.claimed.len().min(slots.len());
+                continuation.start(written.claimed, slots.drain(..continued).collect()).await;
+            }
         }
+        if !failures.is_empty() {
+            let written = with_retry(failures.len(), || step_result::fail_steps(&pool, &worker_id, &failures)).await;
+            recorded.extend(written.into_iter().flatten());
+        }
+        account(&batch, &recorded, &stats).await;
         metrics::add_processing_time(started.elapsed());
         for outcome in batch.drain(..) {
             inflight.remove(&outcome.attempt);
         }
+        continuation.start(Vec::new(), slots).await;
     }
 }
 
-/// Retries transient failures: the outcome must not be lost while the lease
-/// may still hold. If the database stays away past the lease, the write will be
-/// rejected later anyway and the attempt retried elsewhere.
-async fn record_with_retry(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> Option<Vec<Recorded>> {
-    let mut backoff = Backoff::new();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match record(pool, worker_id, batch).await {
-            Ok(recorded) => return Some(recorded),
-            Err(err) if err.is_transient() && attempt < 60 => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %err, outcomes = batch.len(), retry_in = ?delay, "recording step outcomes failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, outcomes = batch.len(), "could not record step outcomes; their leases will expire and the steps run again");
-                return None;
-            }
-        }
-    }
-}
-
-async fn record(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> tasker_shared::Result<Vec<Recorded>> {
+fn split(batch: &[Outcome]) -> (Vec<Success>, Vec<Failure>) {
     let mut successes = Vec::new();
     let mut failures = Vec::new();
     for outcome in batch {
@@ -102,14 +108,75 @@ async fn record(pool: &PgPool, worker_id: &str, batch: &[Outcome]) -> tasker_sha
             }),
         }
     }
-    let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
-    if !successes.is_empty() {
-        recorded.extend(step_result::complete_steps(pool, worker_id, &successes).await?);
+    (successes, failures)
+}
+
+/// Retries transient failures: the outcome must not be lost while the lease
+/// may still hold. If the database stays away past the lease, the write will be
+/// rejected later anyway and the attempt retried elsewhere.
+async fn with_retry<T, F, Fut>(outcomes: usize, mut write: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = tasker_shared::Result<T>>,
+{
+    let mut backoff = Backoff::new();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match write().await {
+            Ok(written) => return Some(written),
+            Err(err) if err.is_transient() && attempt < 60 => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %err, outcomes, retry_in = ?delay, "recording step outcomes failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, outcomes, "could not record step outcomes; their leases will expire and the steps run again");
+                return None;
+            }
+        }
     }
-    if !failures.is_empty() {
-        recorded.extend(step_result::fail_steps(pool, worker_id, &failures).await?);
-    }
-    Ok(recorded)
+}
+
+/// A committed batch of successes, and the work claimed with it.
+struct Completed {
+    recorded: Vec<Recorded>,
+    claimed: Vec<StepClaim>,
+    /// Permits taken beyond the finished attempts' own, for the claims.
+    extra: Vec<OwnedSemaphorePermit>,
+}
+
+/// Records successes; if they enqueued dependents, claims up to that many
+/// steps in the same transaction, for the `held` permits of the finished
+/// attempts plus whatever else is free. The claim goes through `claim_steps`
+/// like any other (priority order, SKIP LOCKED), so it may take other runnable
+/// work of the namespace instead; the dependents' notification still goes out
+/// for whatever this worker leaves.
+async fn complete(
+    pool: &PgPool,
+    worker_id: &str,
+    successes: &[Success],
+    held: usize,
+    continuation: &Continuation,
+) -> tasker_shared::Result<Completed> {
+    let mut tx = pool.begin().await?;
+    let recorded = step_result::complete_steps(&mut *tx, worker_id, successes).await?;
+    let enqueued: usize = recorded.iter().map(|r| usize::try_from(r.dependents_enqueued).unwrap_or(0)).sum();
+    let (extra, limit) = match continuation.reserve(enqueued, held) {
+        Some(extra) if enqueued > 0 => {
+            let limit = enqueued.min(held + extra.len());
+            (extra, limit)
+        }
+        _ => (Vec::new(), 0),
+    };
+    let claimed = if limit == 0 {
+        Vec::new()
+    } else {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease()).await?
+    };
+    tx.commit().await?;
+    Ok(Completed { recorded, claimed, extra })
 }
 
 /// Metrics, statistics and logs for a recorded batch.

@@ -17,7 +17,7 @@ use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::identifier::Identifier;
 use tasker_shared::metrics;
 use tasker_shared::service::sleep_unless_shutdown;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::completer::{self, Outcome};
@@ -54,14 +54,95 @@ pub struct Worker {
 /// What each attempt task needs.
 #[derive(Debug, Clone)]
 struct Shared {
+    context: AttemptContext,
+    outcomes: mpsc::Sender<Outcome>,
+}
+
+/// What each attempt task needs besides the way to report its outcome.
+#[derive(Debug, Clone)]
+struct AttemptContext {
     registry: Arc<HandlerRegistry>,
     inflight: Arc<InFlight>,
-    outcomes: mpsc::Sender<Outcome>,
     journal: Option<Arc<Journal>>,
     discovery: Discovery,
     /// Set when claiming stopped for lack of capacity: work may be waiting,
     /// so a finishing attempt should wake the claim loop.
     backlog: Arc<AtomicBool>,
+}
+
+/// Lets the completer claim, in the transaction that records results, the
+/// work those results made runnable, and start it here: a hop along a chain
+/// of steps then costs no claim transaction of its own and no notification
+/// round trip.
+///
+/// Capacity: a finished attempt hands its permit to the completer with its
+/// outcome, and the permit passes to the work its result made runnable (more
+/// are taken only if free). So the completer never races the claim loop for
+/// capacity, and never claims more than the worker can run.
+#[derive(Debug, Clone)]
+pub struct Continuation {
+    permits: Arc<Semaphore>,
+    /// Attempts started here report to the completer; a weak sender, so the
+    /// completer's own handle does not keep its channel open at shutdown.
+    outcomes: mpsc::WeakSender<Outcome>,
+    context: AttemptContext,
+    namespace: Option<Identifier>,
+    lease: Duration,
+    shutdown: CancellationToken,
+    stats: SampledStatisticsCollector,
+}
+
+impl Continuation {
+    /// Capacity for `wanted` claims when the completer already holds `held`
+    /// permits: the extra permits taken (only as many as are free), or `None`
+    /// once shutdown began (no new work then).
+    pub fn reserve(&self, wanted: usize, held: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        Some(reserve(&self.permits, wanted.saturating_sub(held)))
+    }
+
+    /// The namespace this worker claims from (`None`: every namespace).
+    pub fn namespace(&self) -> Option<&Identifier> {
+        self.namespace.as_ref()
+    }
+
+    /// The lease each claim takes.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Starts committed claims, one permit each, and gives the rest back.
+    pub async fn start(&self, claims: Vec<StepClaim>, permits: Vec<OwnedSemaphorePermit>) {
+        if !claims.is_empty() {
+            match self.outcomes.upgrade() {
+                Some(outcomes) => {
+                    for _ in &claims {
+                        self.stats.record(Event::StepStarted, Duration::ZERO).await;
+                    }
+                    let shared = Shared { context: self.context.clone(), outcomes };
+                    spawn_attempts(claims, permits, &shared);
+                    return;
+                }
+                // Cannot happen while the completer runs: attempts and the
+                // claim loop hold the sender until every outcome is in.
+                None => tracing::error!(steps = claims.len(), "worker stopped; claimed steps are left to their leases"),
+            }
+        }
+        drop(permits);
+        self.context.released();
+    }
+}
+
+impl AttemptContext {
+    /// After permits were given back: wakes the claim loop if it stopped for
+    /// lack of capacity.
+    fn released(&self) {
+        if self.backlog.load(Ordering::Acquire) {
+            self.discovery.wake(DiscoveredVia::Event);
+        }
+    }
 }
 
 impl Worker {
@@ -83,12 +164,32 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(concurrency));
         let inflight = Arc::new(InFlight::default());
         let (outcomes, outcome_rx) = mpsc::channel(concurrency * 2);
+        let shared = Shared {
+            context: AttemptContext {
+                registry: Arc::clone(&self.registry),
+                inflight: Arc::clone(&inflight),
+                journal: self.journal.clone(),
+                discovery: self.discovery.clone(),
+                backlog: Arc::new(AtomicBool::new(false)),
+            },
+            outcomes,
+        };
+        let continuation = Continuation {
+            permits: Arc::clone(&permits),
+            outcomes: shared.outcomes.downgrade(),
+            context: shared.context.clone(),
+            namespace: self.config.namespace.clone(),
+            lease: self.config.lease,
+            shutdown: shutdown.clone(),
+            stats: self.stats.clone(),
+        };
         let completer = tokio::spawn(completer::run(
             self.pool.clone(),
             self.config.id.clone(),
             outcome_rx,
             Arc::clone(&inflight),
             self.stats.clone(),
+            continuation,
         ));
         let stop_heartbeat = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(
@@ -98,14 +199,6 @@ impl Worker {
             self.config.lease,
             stop_heartbeat.clone(),
         ));
-        let shared = Shared {
-            registry: Arc::clone(&self.registry),
-            inflight: Arc::clone(&inflight),
-            outcomes,
-            journal: self.journal.clone(),
-            discovery: self.discovery.clone(),
-            backlog: Arc::new(AtomicBool::new(false)),
-        };
 
         let mut backoff = Backoff::new();
         while self.discovery.next().await.is_some() {
@@ -140,18 +233,20 @@ impl Worker {
     /// Claims while there is capacity and work.
     async fn drain(&self, permits: &Arc<Semaphore>, shared: &Shared) -> tasker_shared::Result<()> {
         loop {
-            let mut free = permits.available_permits();
-            if free == 0 {
-                shared.backlog.store(true, Ordering::Release);
+            // Capacity first: the completer claims too (see `Continuation`).
+            let mut reserved = reserve(permits, usize::MAX);
+            if reserved.is_empty() {
+                shared.context.backlog.store(true, Ordering::Release);
                 // An attempt may have finished before the flag was up; look again.
-                free = permits.available_permits();
-                if free == 0 {
+                reserved = reserve(permits, usize::MAX);
+                if reserved.is_empty() {
                     return Ok(());
                 }
             }
-            shared.backlog.store(false, Ordering::Release);
+            shared.context.backlog.store(false, Ordering::Release);
 
             let started = Instant::now();
+            let free = reserved.len();
             let claims = claim::claim_steps(
                 &self.pool,
                 &self.config.id,
@@ -168,21 +263,7 @@ impl Worker {
             }
             metrics::add_processing_time(started.elapsed());
             let drained = claims.len() < free;
-            for claim in claims {
-                let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
-                    // Cannot happen: only this loop takes permits.
-                    tracing::error!(step = %claim.step_uuid, "no capacity for a claimed step; its lease will expire");
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    run_attempt(claim, &shared).await;
-                    drop(permit);
-                    if shared.backlog.load(Ordering::Acquire) {
-                        shared.discovery.wake(DiscoveredVia::Event);
-                    }
-                });
-            }
+            spawn_attempts(claims, reserved, shared);
             if drained {
                 return Ok(());
             }
@@ -190,21 +271,46 @@ impl Worker {
     }
 }
 
+/// Takes up to `wanted` free permits without waiting.
+fn reserve(permits: &Arc<Semaphore>, wanted: usize) -> Vec<OwnedSemaphorePermit> {
+    std::iter::from_fn(|| Arc::clone(permits).try_acquire_owned().ok()).take(wanted).collect()
+}
+
+/// Spawns an attempt per claim, each holding one permit until its outcome is
+/// recorded (the completer gives it back, or passes it on); permits left over
+/// are given back now.
+fn spawn_attempts(claims: Vec<StepClaim>, permits: Vec<OwnedSemaphorePermit>, shared: &Shared) {
+    let mut permits = permits.into_iter();
+    for claim in claims {
+        let Some(permit) = permits.next() else {
+            // Cannot happen: capacity is reserved before claiming.
+            tracing::error!(step = %claim.step_uuid, "no capacity for a claimed step; its lease will expire");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move { run_attempt(claim, permit, &shared).await });
+    }
+    if permits.len() > 0 {
+        drop(permits);
+        shared.context.released();
+    }
+}
+
 /// Runs one attempt to an outcome and hands it to the completer.
-async fn run_attempt(claim: StepClaim, shared: &Shared) {
+async fn run_attempt(claim: StepClaim, slot: OwnedSemaphorePermit, shared: &Shared) {
     let attempt = claim.attempt_ref();
-    let cancelled = shared.inflight.insert(attempt);
-    if let Some(journal) = &shared.journal {
+    let cancelled = shared.context.inflight.insert(attempt);
+    if let Some(journal) = &shared.context.journal {
         journal.record(&claim);
     }
     metrics::step_started(&claim.handler);
     let started = Instant::now();
 
-    let result = match shared.registry.get(&claim.handler).cloned() {
+    let result = match shared.context.registry.get(&claim.handler).cloned() {
         None => Err(StepError::retryable(format!(
             "no handler `{}` is registered on this worker (registered: {})",
             claim.handler,
-            shared.registry.names().collect::<Vec<_>>().join(", ")
+            shared.context.registry.names().collect::<Vec<_>>().join(", ")
         ))),
         Some(handler) => {
             let input = StepInput {
@@ -240,7 +346,7 @@ async fn run_attempt(claim: StepClaim, shared: &Shared) {
     };
     let elapsed = started.elapsed();
     metrics::step_duration(&claim.handler, elapsed);
-    shared.inflight.mark_finished(&attempt);
+    shared.context.inflight.mark_finished(&attempt);
     let outcome = Outcome {
         attempt,
         task_uuid: claim.task_uuid,
@@ -248,6 +354,7 @@ async fn run_attempt(claim: StepClaim, shared: &Shared) {
         namespace: claim.namespace,
         result,
         elapsed,
+        slot: Some(slot),
     };
     if shared.outcomes.send(outcome).await.is_err() {
         tracing::error!(step = %attempt.step_uuid, "completer stopped before the outcome was recorded");

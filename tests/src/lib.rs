@@ -291,6 +291,15 @@ pub mod templates {
             {"name": "d", "handler": "noop", "depends_on": ["b", "c"]}]})
     }
 
+    /// A -> B -> C -> D, all noop.
+    pub fn chain(namespace: &str) -> Value {
+        json!({"namespace": namespace, "name": "chain", "version": "1.0.0", "steps": [
+            {"name": "a", "handler": "noop"},
+            {"name": "b", "handler": "noop", "depends_on": ["a"]},
+            {"name": "c", "handler": "noop", "depends_on": ["b"]},
+            {"name": "d", "handler": "noop", "depends_on": ["c"]}]})
+    }
+
     /// One step running `handler` with `config`.
     pub fn single(namespace: &str, name: &str, handler: &str, config: Value, policy: Value) -> Value {
         let mut step = json!({"name": "only", "handler": handler, "config": config});

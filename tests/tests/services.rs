@@ -68,6 +68,61 @@ async fn hybrid_runs_500_diamonds_each_step_once() {
     diamonds_complete_with_each_step_run_once("Hybrid").await;
 }
 
+/// Along a chain, the worker that completes a step claims the next one in the
+/// same transaction (no claim transaction or notification round trip of its
+/// own): each dependent's `enqueued` and `in_progress` history rows are written
+/// by one transaction. Tasks run one at a time, so the dependent is the only
+/// runnable step when its parent completes, and two workers compete for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_continues_on_the_completing_worker_in_its_completion_transaction() {
+    let db = TestDatabase::create("chain").await.unwrap();
+    let mut deployment = Deployment::start(
+        &db,
+        &[
+            ServiceSpec::orchestrator("orch-1", "EventDrivenOnly"),
+            ServiceSpec::worker("worker-1", "EventDrivenOnly"),
+            ServiceSpec::worker("worker-2", "EventDrivenOnly"),
+        ],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    api.publish_template(&templates::chain("chain")).await.unwrap();
+    for n in 1..=10 {
+        api.submit(&templates::task("chain", "chain")).await.unwrap();
+        wait_until("the task is final", Duration::from_secs(30), || async { db.final_tasks().await == n }).await;
+    }
+    assert_eq!(db.task_states().await.get("complete"), Some(&10), "{}", deployment.logs());
+
+    // Per dependent: did one transaction enqueue and start it, and was that
+    // the transaction that recorded its parent's result?
+    let hops: Vec<(String, bool, bool)> = sqlx::query_as(
+        "SELECT s.name,
+                e.xmin::text = r.xmin::text,
+                e.xmin::text = (SELECT c.xmin::text FROM tasker.workflow_step_transitions c
+                                JOIN tasker.workflow_step_edges ed ON ed.from_step_uuid = c.step_uuid
+                                WHERE ed.to_step_uuid = s.step_uuid AND c.to_state = 'complete')
+         FROM tasker.workflow_steps s
+         JOIN tasker.workflow_step_transitions e ON e.step_uuid = s.step_uuid AND e.to_state = 'enqueued'
+         JOIN tasker.workflow_step_transitions r ON r.step_uuid = s.step_uuid AND r.to_state = 'in_progress'
+         WHERE s.name <> 'a'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(hops.len(), 30, "b, c and d of 10 tasks, each enqueued and started once");
+    for (name, started_with_enqueue, enqueued_with_parent) in &hops {
+        assert!(enqueued_with_parent, "{name} was not enqueued by its parent's completion: {hops:?}");
+        assert!(started_with_enqueue, "{name} was claimed in a transaction of its own: {hops:?}");
+    }
+    assert_each_attempt_ran_once(&db, &deployment).await;
+    db.assert_invariants().await;
+    for (name, status) in deployment.stop_all().await {
+        assert!(status.success(), "{name} exited with {status}");
+    }
+    db.drop_database().await.unwrap();
+}
+
 /// No polling anywhere: the retry is found by the orchestrator's timer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_driven_only_retries_a_failing_step_with_backoff_and_no_polling() {
