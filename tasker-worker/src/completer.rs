@@ -42,9 +42,6 @@ pub struct Outcome {
     pub result: StepResult,
     /// How long the handler ran.
     pub elapsed: std::time::Duration,
-    /// The attempt's unit of the worker's capacity, held until the outcome is
-    /// recorded and then given back or passed to a continuation claim.
-    pub slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Writes outcomes until the sender side closes and everything is written.
@@ -69,17 +66,12 @@ pub async fn run(
         }
         let started = std::time::Instant::now();
         let (successes, failures) = split(&batch);
-        let mut slots: Vec<OwnedSemaphorePermit> = batch.iter_mut().filter_map(|o| o.slot.take()).collect();
         let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
         if !successes.is_empty() {
-            let held = slots.len();
-            let written =
-                with_retry(successes.len(), || complete(&pool, &worker_id, &successes, held, &continuation)).await;
+            let written = with_retry(successes.len(), || complete(&pool, &worker_id, &successes, &continuation)).await;
             if let Some(written) = written {
                 recorded.extend(written.recorded);
-                slots.extend(written.extra);
-                let continued = written.claimed.len().min(slots.len());
-                continuation.start(written.claimed, slots.drain(..continued).collect()).await;
+                continuation.start(written.claimed, written.permits).await;
             }
         }
         if !failures.is_empty() {
@@ -91,7 +83,6 @@ pub async fn run(
         for outcome in batch.drain(..) {
             inflight.remove(&outcome.attempt);
         }
-        continuation.start(Vec::new(), slots).await;
     }
 }
 
@@ -142,13 +133,13 @@ where
 struct Completed {
     recorded: Vec<Recorded>,
     claimed: Vec<StepClaim>,
-    /// Permits taken beyond the finished attempts' own, for the claims.
-    extra: Vec<OwnedSemaphorePermit>,
+    /// One per claim (any left over are given back when started).
+    permits: Vec<OwnedSemaphorePermit>,
 }
 
 /// Records successes; if they enqueued dependents, claims up to that many
-/// steps in the same transaction, for the `held` permits of the finished
-/// attempts plus whatever else is free. The claim goes through `claim_steps`
+/// steps in the same transaction, as far as the worker has free capacity. The
+/// claim goes through `claim_steps`
 /// like any other (priority order, SKIP LOCKED), so it may take other runnable
 /// work of the namespace instead; the dependents' notification still goes out
 /// for whatever this worker leaves.
@@ -156,27 +147,20 @@ async fn complete(
     pool: &PgPool,
     worker_id: &str,
     successes: &[Success],
-    held: usize,
     continuation: &Continuation,
 ) -> tasker_shared::Result<Completed> {
     let mut tx = pool.begin().await?;
     let recorded = step_result::complete_steps(&mut *tx, worker_id, successes).await?;
     let enqueued: usize = recorded.iter().map(|r| usize::try_from(r.dependents_enqueued).unwrap_or(0)).sum();
-    let (extra, limit) = match continuation.reserve(enqueued, held) {
-        Some(extra) if enqueued > 0 => {
-            let limit = enqueued.min(held + extra.len());
-            (extra, limit)
-        }
-        _ => (Vec::new(), 0),
-    };
-    let claimed = if limit == 0 {
+    let permits = if enqueued > 0 { continuation.reserve(enqueued) } else { Vec::new() };
+    let claimed = if permits.is_empty() {
         Vec::new()
     } else {
-        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let limit = i32::try_from(permits.len()).unwrap_or(i32::MAX);
         claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease()).await?
     };
     tx.commit().await?;
-    Ok(Completed { recorded, claimed, extra })
+    Ok(Completed { recorded, claimed, permits })
 }
 
 /// Metrics, statistics and logs for a recorded batch.

@@ -75,10 +75,12 @@ struct AttemptContext {
 /// of steps then costs no claim transaction of its own and no notification
 /// round trip.
 ///
-/// Capacity: a finished attempt hands its permit to the completer with its
-/// outcome, and the permit passes to the work its result made runnable (more
-/// are taken only if free). So the completer never races the claim loop for
-/// capacity, and never claims more than the worker can run.
+/// Capacity: the completer claims only for permits it has taken, so it never
+/// claims more than the worker can run. It takes only free ones: when the
+/// claim loop holds them at that moment (it reserves all free capacity for
+/// the length of its own claim), the work goes the usual way instead, by
+/// notification. An attempt's permit is held until its outcome is handed
+/// over, not until it is recorded, so recording never idles capacity.
 #[derive(Debug, Clone)]
 pub struct Continuation {
     permits: Arc<Semaphore>,
@@ -93,14 +95,12 @@ pub struct Continuation {
 }
 
 impl Continuation {
-    /// Capacity for `wanted` claims when the completer already holds `held`
-    /// permits: the extra permits taken (only as many as are free), or `None`
-    /// once shutdown began (no new work then).
-    pub fn reserve(&self, wanted: usize, held: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+    /// Up to `wanted` free permits; none once shutdown began (no new work then).
+    pub fn reserve(&self, wanted: usize) -> Vec<OwnedSemaphorePermit> {
         if self.shutdown.is_cancelled() {
-            return None;
+            return Vec::new();
         }
-        Some(reserve(&self.permits, wanted.saturating_sub(held)))
+        reserve(&self.permits, wanted)
     }
 
     /// The namespace this worker claims from (`None`: every namespace).
@@ -276,9 +276,8 @@ fn reserve(permits: &Arc<Semaphore>, wanted: usize) -> Vec<OwnedSemaphorePermit>
     std::iter::from_fn(|| Arc::clone(permits).try_acquire_owned().ok()).take(wanted).collect()
 }
 
-/// Spawns an attempt per claim, each holding one permit until its outcome is
-/// recorded (the completer gives it back, or passes it on); permits left over
-/// are given back now.
+/// Spawns an attempt per claim, each holding one permit until it has handed
+/// its outcome over; permits left over are given back.
 fn spawn_attempts(claims: Vec<StepClaim>, permits: Vec<OwnedSemaphorePermit>, shared: &Shared) {
     let mut permits = permits.into_iter();
     for claim in claims {
@@ -288,7 +287,11 @@ fn spawn_attempts(claims: Vec<StepClaim>, permits: Vec<OwnedSemaphorePermit>, sh
             continue;
         };
         let shared = shared.clone();
-        tokio::spawn(async move { run_attempt(claim, permit, &shared).await });
+        tokio::spawn(async move {
+            run_attempt(claim, &shared).await;
+            drop(permit);
+            shared.context.released();
+        });
     }
     if permits.len() > 0 {
         drop(permits);
@@ -297,7 +300,7 @@ fn spawn_attempts(claims: Vec<StepClaim>, permits: Vec<OwnedSemaphorePermit>, sh
 }
 
 /// Runs one attempt to an outcome and hands it to the completer.
-async fn run_attempt(claim: StepClaim, slot: OwnedSemaphorePermit, shared: &Shared) {
+async fn run_attempt(claim: StepClaim, shared: &Shared) {
     let attempt = claim.attempt_ref();
     let cancelled = shared.context.inflight.insert(attempt);
     if let Some(journal) = &shared.context.journal {
@@ -354,7 +357,6 @@ async fn run_attempt(claim: StepClaim, slot: OwnedSemaphorePermit, shared: &Shar
         namespace: claim.namespace,
         result,
         elapsed,
-        slot: Some(slot),
     };
     if shared.outcomes.send(outcome).await.is_err() {
         tracing::error!(step = %attempt.step_uuid, "completer stopped before the outcome was recorded");

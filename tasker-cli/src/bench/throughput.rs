@@ -118,10 +118,10 @@ impl Breakdown {
         Ok(Breakdown {
             submit_to_enqueued_ms: percentiles(
                 pool,
-                "SELECT extract(epoch FROM (SELECT min(st.created_at) FROM tasker.workflow_step_transitions st
-                                            WHERE st.task_uuid = t.task_uuid AND st.to_state = 'enqueued')
-                                          - t.created_at) * 1000
-                 FROM tasker.tasks t",
+                "SELECT extract(epoch FROM f.at - t.created_at) * 1000
+                 FROM tasker.tasks t
+                 JOIN (SELECT task_uuid, min(created_at) AS at FROM tasker.workflow_step_transitions
+                       WHERE to_state = 'enqueued' GROUP BY task_uuid) f ON f.task_uuid = t.task_uuid",
             )
             .await?,
             enqueued_to_claimed_ms: percentiles(
@@ -144,10 +144,10 @@ impl Breakdown {
             .await?,
             completed_to_final_ms: percentiles(
                 pool,
-                "SELECT extract(epoch FROM t.completed_at
-                                          - (SELECT max(st.created_at) FROM tasker.workflow_step_transitions st
-                                             WHERE st.task_uuid = t.task_uuid AND st.to_state = 'complete')) * 1000
-                 FROM tasker.tasks t",
+                "SELECT extract(epoch FROM t.completed_at - l.at) * 1000
+                 FROM tasker.tasks t
+                 JOIN (SELECT task_uuid, max(created_at) AS at FROM tasker.workflow_step_transitions
+                       WHERE to_state = 'complete' GROUP BY task_uuid) l ON l.task_uuid = t.task_uuid",
             )
             .await?,
         })
