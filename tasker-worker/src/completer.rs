@@ -17,12 +17,12 @@ use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::step_result::{self, Failure, Recorded, Success};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::handler::StepResult;
 use crate::inflight::InFlight;
-use crate::worker::Continuation;
+use crate::worker::{Continuation, Reservation};
 
 /// Most outcomes written in one batch.
 const MAX_BATCH: usize = 256;
@@ -71,7 +71,9 @@ pub async fn run(
             let written = with_retry(successes.len(), || complete(&pool, &worker_id, &successes, &continuation)).await;
             if let Some(written) = written {
                 recorded.extend(written.recorded);
-                continuation.start(written.claimed, written.permits).await;
+                if let Some(reservation) = written.reservation {
+                    continuation.start(written.claimed, reservation).await;
+                }
             }
         }
         if !failures.is_empty() {
@@ -133,8 +135,8 @@ where
 struct Completed {
     recorded: Vec<Recorded>,
     claimed: Vec<StepClaim>,
-    /// One per claim (any left over are given back when started).
-    permits: Vec<OwnedSemaphorePermit>,
+    /// The capacity claimed for (any left over is given back when started).
+    reservation: Option<Reservation>,
 }
 
 /// Records successes; if they enqueued dependents, claims up to that many
@@ -152,15 +154,16 @@ async fn complete(
     let mut tx = pool.begin().await?;
     let recorded = step_result::complete_steps(&mut *tx, worker_id, successes).await?;
     let enqueued: usize = recorded.iter().map(|r| usize::try_from(r.dependents_enqueued).unwrap_or(0)).sum();
-    let permits = if enqueued > 0 { continuation.reserve(enqueued) } else { Vec::new() };
-    let claimed = if permits.is_empty() {
-        Vec::new()
-    } else {
-        let limit = i32::try_from(permits.len()).unwrap_or(i32::MAX);
-        claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease()).await?
+    let reservation = if enqueued > 0 { continuation.reserve(enqueued) } else { None };
+    let claimed = match &reservation {
+        None => Vec::new(),
+        Some(reservation) => {
+            let limit = i32::try_from(reservation.capacity()).unwrap_or(i32::MAX);
+            claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease()).await?
+        }
     };
     tx.commit().await?;
-    Ok(Completed { recorded, claimed, permits })
+    Ok(Completed { recorded, claimed, reservation })
 }
 
 /// Metrics, statistics and logs for a recorded batch.

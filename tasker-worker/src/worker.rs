@@ -94,13 +94,45 @@ pub struct Continuation {
     stats: SampledStatisticsCollector,
 }
 
-impl Continuation {
-    /// Up to `wanted` free permits; none once shutdown began (no new work then).
-    pub fn reserve(&self, wanted: usize) -> Vec<OwnedSemaphorePermit> {
-        if self.shutdown.is_cancelled() {
-            return Vec::new();
+/// Capacity and a channel to report to, held from before a continuation claim
+/// until its attempts are started. Dropped unused (the transaction failed),
+/// it gives the capacity back and wakes the claim loop if that waits for it.
+#[derive(Debug)]
+pub struct Reservation {
+    permits: Vec<OwnedSemaphorePermit>,
+    outcomes: mpsc::Sender<Outcome>,
+    context: AttemptContext,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.permits.is_empty() {
+            self.permits.clear();
+            self.context.released();
         }
-        reserve(&self.permits, wanted)
+    }
+}
+
+impl Reservation {
+    /// How many steps may be claimed with it.
+    pub fn capacity(&self) -> usize {
+        self.permits.len()
+    }
+}
+
+impl Continuation {
+    /// Up to `wanted` free permits, with a live channel for the attempts'
+    /// outcomes; `None` once shutdown began (no new work then) or when no
+    /// capacity is free.
+    pub fn reserve(&self, wanted: usize) -> Option<Reservation> {
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        // The completer is running, so the channel is open; holding a sender
+        // keeps it open until the claimed steps are started.
+        let outcomes = self.outcomes.upgrade()?;
+        let permits = reserve(&self.permits, wanted);
+        (!permits.is_empty()).then(|| Reservation { permits, outcomes, context: self.context.clone() })
     }
 
     /// The namespace this worker claims from (`None`: every namespace).
@@ -114,24 +146,12 @@ impl Continuation {
     }
 
     /// Starts committed claims, one permit each, and gives the rest back.
-    pub async fn start(&self, claims: Vec<StepClaim>, permits: Vec<OwnedSemaphorePermit>) {
-        if !claims.is_empty() {
-            match self.outcomes.upgrade() {
-                Some(outcomes) => {
-                    for _ in &claims {
-                        self.stats.record(Event::StepStarted, Duration::ZERO).await;
-                    }
-                    let shared = Shared { context: self.context.clone(), outcomes };
-                    spawn_attempts(claims, permits, &shared);
-                    return;
-                }
-                // Cannot happen while the completer runs: attempts and the
-                // claim loop hold the sender until every outcome is in.
-                None => tracing::error!(steps = claims.len(), "worker stopped; claimed steps are left to their leases"),
-            }
+    pub async fn start(&self, claims: Vec<StepClaim>, mut reservation: Reservation) {
+        for _ in &claims {
+            self.stats.record(Event::StepStarted, Duration::ZERO).await;
         }
-        drop(permits);
-        self.context.released();
+        let shared = Shared { context: self.context.clone(), outcomes: reservation.outcomes.clone() };
+        spawn_attempts(claims, std::mem::take(&mut reservation.permits), &shared);
     }
 }
 
