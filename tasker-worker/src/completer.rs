@@ -141,10 +141,9 @@ struct Completed {
 
 /// Records successes; if they enqueued dependents, claims up to that many
 /// steps in the same transaction, as far as the worker has free capacity. The
-/// claim goes through `claim_steps`
-/// like any other (priority order, SKIP LOCKED), so it may take other runnable
-/// work of the namespace instead; the dependents' notification still goes out
-/// for whatever this worker leaves.
+/// claim goes through `claim_steps` like any other (priority order, SKIP
+/// LOCKED), so it may take other runnable work of the namespace instead; the
+/// dependents' notification still goes out for whatever this worker leaves.
 async fn complete(
     pool: &PgPool,
     worker_id: &str,

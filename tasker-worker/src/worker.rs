@@ -147,11 +147,8 @@ impl Continuation {
 
     /// Starts committed claims, one permit each, and gives the rest back.
     pub async fn start(&self, claims: Vec<StepClaim>, mut reservation: Reservation) {
-        for _ in &claims {
-            self.stats.record(Event::StepStarted, Duration::ZERO).await;
-        }
         let shared = Shared { context: self.context.clone(), outcomes: reservation.outcomes.clone() };
-        spawn_attempts(claims, std::mem::take(&mut reservation.permits), &shared);
+        start_attempts(claims, std::mem::take(&mut reservation.permits), &shared, &self.stats).await;
     }
 }
 
@@ -278,12 +275,9 @@ impl Worker {
             let claim_elapsed = started.elapsed();
             metrics::claim_duration("steps", claim_elapsed);
             self.stats.record(Event::ClaimCycle, claim_elapsed).await;
-            for _ in &claims {
-                self.stats.record(Event::StepStarted, Duration::ZERO).await;
-            }
-            metrics::add_processing_time(started.elapsed());
             let drained = claims.len() < free;
-            spawn_attempts(claims, reserved, shared);
+            start_attempts(claims, reserved, shared, &self.stats).await;
+            metrics::add_processing_time(started.elapsed());
             if drained {
                 return Ok(());
             }
@@ -296,9 +290,18 @@ fn reserve(permits: &Arc<Semaphore>, wanted: usize) -> Vec<OwnedSemaphorePermit>
     std::iter::from_fn(|| Arc::clone(permits).try_acquire_owned().ok()).take(wanted).collect()
 }
 
-/// Spawns an attempt per claim, each holding one permit until it has handed
-/// its outcome over; permits left over are given back.
-fn spawn_attempts(claims: Vec<StepClaim>, permits: Vec<OwnedSemaphorePermit>, shared: &Shared) {
+/// Starts an attempt per claim (counted in the statistics), each holding one
+/// permit until it has handed its outcome over; permits left over are given
+/// back.
+async fn start_attempts(
+    claims: Vec<StepClaim>,
+    permits: Vec<OwnedSemaphorePermit>,
+    shared: &Shared,
+    stats: &SampledStatisticsCollector,
+) {
+    for _ in &claims {
+        stats.record(Event::StepStarted, Duration::ZERO).await;
+    }
     let mut permits = permits.into_iter();
     for claim in claims {
         let Some(permit) = permits.next() else {
