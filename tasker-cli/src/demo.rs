@@ -184,15 +184,20 @@ async fn print_summary(pool: &PgPool, services: &[ServiceProcess], tasks: usize)
         (row.complete, row.other, row.span, row.p50, row.p95, row.p99, row.max);
     let ms = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{:.0} ms", s * 1000.0));
 
-    let mut discovered = std::collections::BTreeMap::new();
+    let mut tasks_discovered = std::collections::BTreeMap::new();
+    let mut steps_discovered = std::collections::BTreeMap::new();
     let mut steps = 0.0;
     for service in services {
         let m = service.metrics().await?;
         for via in ["event", "poll", "sweep", "timer"] {
-            *discovered.entry(via).or_insert(0.0) += m.sum("tasker_tasks_discovered_total", &[("via", via)]);
+            *tasks_discovered.entry(via).or_insert(0.0) += m.sum("tasker_tasks_discovered_total", &[("via", via)]);
+            *steps_discovered.entry(via).or_insert(0.0) += m.sum("tasker_steps_discovered_total", &[("via", via)]);
         }
         steps += m.sum("tasker_steps_started_total", &[]);
     }
+    let by_via = |counts: &std::collections::BTreeMap<&str, f64>| {
+        counts.iter().map(|(via, n)| format!("{via} {n}")).collect::<Vec<_>>().join(", ")
+    };
 
     println!();
     println!("Tasker demo: {tasks} order_fulfillment tasks (4 steps each)");
@@ -206,10 +211,8 @@ async fn print_summary(pool: &PgPool, services: &[ServiceProcess], tasks: usize)
         );
     }
     println!("  submit-to-complete  p50 {}  p95 {}  p99 {}  max {}", ms(p50), ms(p95), ms(p99), ms(max));
-    println!(
-        "  discovered by       {}",
-        discovered.iter().map(|(via, n)| format!("{via} {n}")).collect::<Vec<_>>().join(", ")
-    );
+    println!("  steps claimed by    {}", by_via(&steps_discovered));
+    println!("  tasks claimed by    {} (orchestrators: retries and failures only)", by_via(&tasks_discovered));
     println!("  metrics (while running):");
     for service in services {
         println!("    {:<22} {}/metrics", service.name, service.base_url());

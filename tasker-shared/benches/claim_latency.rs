@@ -102,7 +102,8 @@ async fn add_due(pool: &PgPool, template: &TaskTemplate) -> anyhow::Result<()> {
     };
     for _ in 0..DUE_TASKS / tasks::MAX_BATCH {
         let mut tx = pool.begin().await?;
-        tasks::create_tasks(&mut tx, "bench", &vec![request.clone(); tasks::MAX_BATCH]).await?;
+        tasks::create_tasks(&mut tx, "bench", &vec![request.clone(); tasks::MAX_BATCH], tasks::Start::ByOrchestrator)
+            .await?;
         tx.commit().await?;
     }
     Ok(())

@@ -23,7 +23,8 @@ use crate::state_machine::TaskState;
 use crate::text_enum::text_enum;
 
 text_enum! {
-    /// How an orchestrator came to claim a task; recorded with every claim.
+    /// How a claimer came to claim a task or a step; recorded with every
+    /// claim not made because of a notification.
     pub enum DiscoveredVia ("discovery source") {
         /// A LISTEN notification woke the claimer.
         Event => "event",
@@ -196,6 +197,10 @@ pub struct StepClaim {
     pub task_context: serde_json::Value,
     /// Results of the steps this one depends on, by step name.
     pub dependency_results: serde_json::Value,
+    /// When the step was enqueued; the discovery lag is measured from here.
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// When the claim was taken (database clock).
+    pub claimed_at: DateTime<Utc>,
 }
 
 impl StepClaim {
@@ -208,6 +213,11 @@ impl StepClaim {
     pub fn attempt_ref(&self) -> AttemptRef {
         AttemptRef { step_uuid: self.step_uuid, attempt: self.attempt }
     }
+
+    /// How long the step waited between being enqueued and being claimed.
+    pub fn discovery_lag(&self) -> Duration {
+        self.enqueued_at.and_then(|since| (self.claimed_at - since).to_std().ok()).unwrap_or_default()
+    }
 }
 
 /// One attempt of one step: what fenced writes present.
@@ -219,13 +229,16 @@ pub struct AttemptRef {
     pub attempt: i32,
 }
 
-/// Claims up to `limit` enqueued steps of `namespace` (any namespace when `None`).
+/// Claims up to `limit` enqueued steps of `namespace` (any namespace when
+/// `None`). Claims not made because of a notification are logged in
+/// `tasker.step_discoveries`, the record misses are checked against.
 pub async fn claim_steps(
     executor: impl PgExecutor<'_>,
     worker_id: &str,
     namespace: Option<&Identifier>,
     limit: i32,
     lease: Duration,
+    discovered_via: DiscoveredVia,
 ) -> Result<Vec<StepClaim>> {
     let claims = sqlx::query_as!(
         StepClaim,
@@ -233,12 +246,13 @@ pub async fn claim_steps(
                   name AS "name!", handler AS "handler!", config AS "config!",
                   attempt AS "attempt!", max_attempts AS "max_attempts!", timeout_ms AS "timeout_ms!",
                   lease_expires_at AS "lease_expires_at!", task_context AS "task_context!",
-                  dependency_results AS "dependency_results!"
-           FROM tasker.claim_steps($1, $2, $3, $4)"#,
+                  dependency_results AS "dependency_results!", enqueued_at, claimed_at AS "claimed_at!"
+           FROM tasker.claim_steps($1, $2, $3, $4, $5)"#,
         worker_id,
         namespace.map(Identifier::as_str),
         limit,
         lease as Duration,
+        discovered_via.as_str(),
     )
     .fetch_all(executor)
     .await?;

@@ -25,9 +25,12 @@ pub mod names {
     pub const TASKS_MADE_READY: &str = "tasker_tasks_made_ready_total";
     /// Counter: tasks claimed by this orchestrator, by discovery source.
     pub const TASKS_DISCOVERED: &str = "tasker_tasks_discovered_total";
-    /// Histogram: ready_since to claim, by discovery source.
+    /// Counter: steps claimed by this worker, by discovery source.
+    pub const STEPS_DISCOVERED: &str = "tasker_steps_discovered_total";
+    /// Histogram: due (a task's ready_since, a step's enqueued_at) to claim, by
+    /// channel kind and discovery source.
     pub const DISCOVERY_LAG: &str = "tasker_discovery_lag_seconds";
-    /// Counter: notifications no listener acted on (see `docs/metrics.md`), by discovery source.
+    /// Counter: notifications no listener acted on (see `docs/metrics.md`), by channel kind and discovery source.
     pub const NOTIFY_MISSES: &str = "tasker_notify_misses_total";
     /// Counter: claims that took over an expired claim (a dead or hung orchestrator's).
     pub const CLAIMS_TAKEN_OVER: &str = "tasker_claims_taken_over_total";
@@ -120,11 +123,16 @@ pub const CATALOG: &[(&str, Kind, &str)] = {
         (NOTIFICATIONS_RECEIVED, Kind::Counter, "Notifications received by this process's LISTEN connection."),
         (TASKS_MADE_READY, Kind::Counter, "Times this process made a task due for orchestration, by source."),
         (TASKS_DISCOVERED, Kind::Counter, "Tasks claimed by this orchestrator, by how they were discovered."),
-        (DISCOVERY_LAG, Kind::Histogram, "Time from a task becoming due to its claim, by discovery source."),
+        (STEPS_DISCOVERED, Kind::Counter, "Steps claimed by this worker, by how they were discovered."),
+        (
+            DISCOVERY_LAG,
+            Kind::Histogram,
+            "Time from work becoming due (a task due, a step enqueued) to its claim, by channel kind and discovery source.",
+        ),
         (
             NOTIFY_MISSES,
             Kind::Counter,
-            "Missed notifications: tasks found by a poll, sweep or timer more than the miss threshold after they became due.",
+            "Missed notifications: tasks or steps found by a poll, sweep or timer more than the miss threshold after they became due, by channel kind and source.",
         ),
         (
             CLAIMS_TAKEN_OVER,
@@ -140,7 +148,11 @@ pub const CATALOG: &[(&str, Kind, &str)] = {
         (ENQUEUED_STEPS, Kind::Gauge, "Steps enqueued and waiting for a worker, by namespace (sampled on a timer)."),
         (LISTENER_CONNECTED, Kind::Gauge, "1 while this process's LISTEN connection is up, else 0."),
         (LISTENER_RECONNECTS, Kind::Counter, "Times this process's LISTEN connection was re-established."),
-        (TASKS_FINALIZED, Kind::Counter, "Tasks this orchestrator finalized, by final state."),
+        (
+            TASKS_FINALIZED,
+            Kind::Counter,
+            "Tasks this process finalized, by final state (workers: the completion of a task's last step).",
+        ),
         (STEPS_STARTED, Kind::Counter, "Step attempts started (handler invocations) by this worker, by handler."),
         (STEPS_COMPLETED, Kind::Counter, "Step attempts that succeeded and were recorded, by handler."),
         (STEPS_FAILED, Kind::Counter, "Step attempts that failed and were recorded, by handler and retryability."),
@@ -217,7 +229,13 @@ pub fn tasks_made_ready(source: &'static str, n: u64) {
 /// A task was claimed after waiting `lag`.
 pub fn task_discovered(via: DiscoveredVia, lag: Duration) {
     counter!(names::TASKS_DISCOVERED, "via" => via.as_str()).increment(1);
-    histogram!(names::DISCOVERY_LAG, "via" => via.as_str()).record(lag.as_secs_f64());
+    histogram!(names::DISCOVERY_LAG, "channel_kind" => "tasks", "via" => via.as_str()).record(lag.as_secs_f64());
+}
+
+/// A step was claimed after waiting `lag` since it was enqueued.
+pub fn step_discovered(via: DiscoveredVia, lag: Duration) {
+    counter!(names::STEPS_DISCOVERED, "via" => via.as_str()).increment(1);
+    histogram!(names::DISCOVERY_LAG, "channel_kind" => "steps", "via" => via.as_str()).record(lag.as_secs_f64());
 }
 
 /// Records how long a claim call took.
@@ -285,9 +303,10 @@ pub fn export_cumulative_times() {
     gauge!(names::STATISTICS_RECORDING).set(crate::event_system::sampled_statistics::recording_time().as_secs_f64());
 }
 
-/// A claim found `via` a poll or sweep was a missed notification.
-pub fn notify_miss(via: DiscoveredVia) {
-    counter!(names::NOTIFY_MISSES, "via" => via.as_str()).increment(1);
+/// A claim found `via` a poll or sweep was a missed notification on a
+/// channel of `kind` (tasks, steps).
+pub fn notify_miss(kind: &'static str, via: DiscoveredVia) {
+    counter!(names::NOTIFY_MISSES, "channel_kind" => kind, "via" => via.as_str()).increment(1);
 }
 
 /// The overdue-work level.

@@ -3,9 +3,12 @@
 //! Only the worker that claimed an attempt, presenting its attempt number, while
 //! the step is still `in_progress`, can record its outcome. A late write from a
 //! stale owner (its lease expired and the step was rescued, or the task was
-//! cancelled) is rejected and changes nothing. Accepted outcomes wake the task in
-//! the same transaction, so its orchestrator looks at it next.
+//! cancelled) is rejected and changes nothing. In the same transaction, a
+//! completion enqueues the dependents it made runnable and finalizes a task
+//! whose last step it was; an outcome that leaves work for the orchestrator
+//! (a failure, a task it may not finalize) wakes the task.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
@@ -47,6 +50,10 @@ pub struct Recorded {
     pub dependents_enqueued: i32,
     /// Whether its task was woken for its orchestrator by this call.
     pub task_woken: bool,
+    /// Whether this call finalized its task (the last step completed).
+    pub task_finalized: bool,
+    /// When a task finalized by this call was submitted (for its latency).
+    pub task_created_at: Option<DateTime<Utc>>,
 }
 
 /// Records successful attempts (`tasker.complete_steps`), in one statement.
@@ -60,7 +67,7 @@ pub async fn complete_steps(
     let results: Vec<serde_json::Value> = successes.iter().map(|s| s.result.clone()).collect();
     let rows = sqlx::query!(
         r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", dependents_enqueued AS "dependents_enqueued!",
-                  task_woken AS "task_woken!"
+                  task_woken AS "task_woken!", task_finalized AS "task_finalized!", task_created_at
            FROM tasker.complete_steps($1, $2, $3, $4)"#,
         worker_id,
         &uuids,
@@ -77,6 +84,8 @@ pub async fn complete_steps(
             state: r.accepted.then_some(StepState::Complete),
             dependents_enqueued: r.dependents_enqueued,
             task_woken: r.task_woken,
+            task_finalized: r.task_finalized,
+            task_created_at: r.task_created_at,
         })
         .collect())
 }
@@ -106,6 +115,8 @@ pub async fn fail_steps(executor: impl PgExecutor<'_>, worker_id: &str, failures
             state: r.state,
             dependents_enqueued: 0,
             task_woken: r.accepted,
+            task_finalized: false,
+            task_created_at: None,
         })
         .collect())
 }

@@ -1,6 +1,6 @@
 //! Creating, reading and cancelling tasks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -42,13 +42,35 @@ pub struct CreatedTask {
     /// False when an earlier task with the same idempotency key was returned.
     #[serde(skip)]
     pub created: bool,
+    /// Steps this call enqueued for it (its root steps, when it started).
+    #[serde(skip)]
+    pub steps_enqueued: usize,
 }
 
-/// Creates tasks, their steps and dependency edges, due for orchestration at
-/// once, and notifies the task channel. Either all requests are applied or none:
-/// call it inside a transaction. Requests whose idempotency key was used before
-/// (or earlier in the same batch) return the existing task.
-pub async fn create_tasks(conn: &mut PgConnection, actor: &str, requests: &[NewTask]) -> Result<Vec<CreatedTask>> {
+/// Who makes a new task's first move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The creating transaction (`tasker.start_tasks`): the root steps are
+    /// enqueued, their namespaces' step channels notified and the task is in
+    /// `steps_in_process` when it commits, with no orchestration pass. The
+    /// submission path.
+    Now,
+    /// An orchestrator's first pass: the task is created due and the task
+    /// channel is notified.
+    ByOrchestrator,
+}
+
+/// Creates tasks, their steps and dependency edges, and starts them as `start`
+/// says (a task [`Start::Now`] cannot start is left due for an orchestrator).
+/// Either all requests are applied or none: call it inside a transaction.
+/// Requests whose idempotency key was used before (or earlier in the same
+/// batch) return the existing task.
+pub async fn create_tasks(
+    conn: &mut PgConnection,
+    actor: &str,
+    requests: &[NewTask],
+    start: Start,
+) -> Result<Vec<CreatedTask>> {
     if requests.len() > MAX_BATCH {
         return Err(Error::InvalidInput(format!(
             "a batch may create at most {MAX_BATCH} tasks, found {}",
@@ -117,18 +139,24 @@ pub async fn create_tasks(conn: &mut PgConnection, actor: &str, requests: &[NewT
     .fetch_all(&mut *conn)
     .await?;
 
-    if !inserted.is_empty() {
+    let started = match start {
+        Start::Now if !inserted.is_empty() => start_tasks(&mut *conn, actor, &inserted).await?,
+        _ => HashMap::new(),
+    };
+    if inserted.iter().any(|t| !started.contains_key(t)) {
         sqlx::query!("SELECT pg_notify(tasker.task_channel(), '')").execute(&mut *conn).await?;
     }
 
-    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    let inserted: HashSet<Uuid> = inserted.into_iter().collect();
     let existing = existing_by_key(conn, requests, &planned, &inserted).await?;
     requests
         .iter()
         .zip(planned)
         .map(|(request, task_uuid)| {
             if inserted.contains(&task_uuid) {
-                return Ok(CreatedTask { task_uuid, state: TaskState::Pending, created: true });
+                let steps_enqueued = started.get(&task_uuid).copied().unwrap_or(0);
+                let state = if steps_enqueued > 0 { TaskState::StepsInProcess } else { TaskState::Pending };
+                return Ok(CreatedTask { task_uuid, state, created: true, steps_enqueued });
             }
             let key = (request.namespace.to_string(), request.idempotency_key.clone());
             existing
@@ -139,12 +167,26 @@ pub async fn create_tasks(conn: &mut PgConnection, actor: &str, requests: &[NewT
         .collect()
 }
 
+/// Starts tasks just created in this transaction (`tasker.start_tasks`);
+/// returns those started, with how many steps each enqueued.
+async fn start_tasks(conn: &mut PgConnection, actor: &str, task_uuids: &[Uuid]) -> Result<HashMap<Uuid, usize>> {
+    let enqueued =
+        sqlx::query_scalar!(r#"SELECT task_uuid AS "task_uuid!" FROM tasker.start_tasks($1, $2)"#, task_uuids, actor,)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut started = HashMap::new();
+    for task in enqueued {
+        *started.entry(task).or_insert(0) += 1;
+    }
+    Ok(started)
+}
+
 /// Existing tasks for requests that were not inserted (idempotency key taken).
 async fn existing_by_key(
     conn: &mut PgConnection,
     requests: &[NewTask],
     planned: &[Uuid],
-    inserted: &std::collections::HashSet<Uuid>,
+    inserted: &HashSet<Uuid>,
 ) -> Result<HashMap<(String, Option<String>), CreatedTask>> {
     let (namespaces, keys): (Vec<String>, Vec<String>) = requests
         .iter()
@@ -168,7 +210,10 @@ async fn existing_by_key(
     Ok(rows
         .into_iter()
         .map(|r| {
-            ((r.namespace, r.idempotency_key), CreatedTask { task_uuid: r.task_uuid, state: r.state, created: false })
+            (
+                (r.namespace, r.idempotency_key),
+                CreatedTask { task_uuid: r.task_uuid, state: r.state, created: false, steps_enqueued: 0 },
+            )
         })
         .collect())
 }

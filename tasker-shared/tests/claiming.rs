@@ -84,7 +84,10 @@ async fn claims_take_higher_priority_then_older_work_first(pool: PgPool) {
         r.priority = priority;
         requests.push(r);
     }
-    let created = tasker_shared::tasks::create_tasks(&mut tx, "test", &requests).await.unwrap();
+    let created =
+        tasker_shared::tasks::create_tasks(&mut tx, "test", &requests, tasker_shared::tasks::Start::ByOrchestrator)
+            .await
+            .unwrap();
     tx.commit().await.unwrap();
 
     let claims = claim::claim_ready_tasks(&pool, ORCH, 10, LEASE, DiscoveredVia::Poll).await.unwrap();
@@ -267,7 +270,7 @@ async fn a_task_woken_while_claimed_stays_due_after_release(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
-async fn completions_enqueue_what_they_unblock_and_wake_only_to_finish(pool: PgPool) {
+async fn completions_enqueue_what_they_unblock_and_the_last_one_finalizes(pool: PgPool) {
     let t = template("quiet", "fan", &[("start", &[]), ("x", &["start"]), ("y", &["start"]), ("end", &["x", "y"])]);
     publish(&pool, &t).await;
     let task = submit(&pool, &t, 1).await[0];
@@ -315,9 +318,122 @@ async fn completions_enqueue_what_they_unblock_and_wake_only_to_finish(pool: PgP
     )
     .await
     .unwrap();
-    assert!(last[0].task_woken, "all done: the orchestrator finalizes");
-    assert_eq!(claim_all(&pool, ORCH).await.len(), 1);
-    let _ = task;
+    assert!(last[0].task_finalized && !last[0].task_woken, "all done: the completion finalizes, nobody is woken");
+    assert!(last[0].task_created_at.is_some());
+    assert_eq!(task_state(&pool, task).await, TaskState::Complete);
+    assert!(claim_all(&pool, ORCH).await.is_empty());
+    let actor: String = sqlx::query_scalar(
+        "SELECT actor FROM tasker.task_transitions WHERE task_uuid = $1 ORDER BY transition_id DESC LIMIT 1",
+    )
+    .bind(task)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(actor, "w", "finalized by the completing worker");
+    assert_invariants(&pool).await;
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_last_completion_does_not_finalize_a_task_an_orchestrator_holds_but_wakes_it(pool: PgPool) {
+    let t = single("held");
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+    enqueue_pass(&pool, ORCH).await;
+    let step = claim_steps(&pool, "w", 10).await;
+    // An orchestrator holds the task (woken for some other reason) while the
+    // step's result arrives.
+    sqlx::query("SELECT tasker.wake_tasks($1)").bind(vec![task]).execute(&pool).await.unwrap();
+    let claims = claim_all(&pool, ORCH).await;
+    assert_eq!(claims.len(), 1);
+
+    let recorded = step_result::complete_steps(
+        &pool,
+        "w",
+        &[Success { attempt: step[0].attempt_ref(), result: serde_json::json!(1) }],
+    )
+    .await
+    .unwrap();
+    assert!(!recorded[0].task_finalized && recorded[0].task_woken, "refused, and woken for the holder instead");
+    assert_eq!(task_state(&pool, task).await, TaskState::StepsInProcess);
+
+    // The holder's release sees the wake-up; whoever claims next finalizes.
+    let released = claim::release_task_claims(&pool, ORCH, &[Release::of(&claims[0], None)]).await.unwrap();
+    assert!(released[0].still_due);
+    let again = claim_all(&pool, "other").await;
+    assert_eq!(again.len(), 1);
+    let f = finalize::claim_task_for_finalization(&pool, task, "other").await.unwrap();
+    assert!(f.finalized, "{f:?}");
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_task_started_at_creation_has_its_roots_enqueued_and_needs_no_orchestrator(pool: PgPool) {
+    let t = diamond("fast");
+    publish(&pool, &t).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
+    listener.listen_all(["tasker_tasks", "tasker_steps_fast"]).await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    let created = tasker_shared::tasks::create_tasks(
+        &mut tx,
+        "api",
+        &[new_task(&t), new_task(&t)],
+        tasker_shared::tasks::Start::Now,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(created.iter().all(|c| c.state == TaskState::StepsInProcess && c.steps_enqueued == 1), "{created:?}");
+    let task = created[0].task_uuid;
+    assert_eq!(step_state(&pool, task, "a").await, StepState::Enqueued);
+    assert_eq!(step_state(&pool, task, "b").await, StepState::Pending);
+    let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
+    assert_eq!(notification.channel(), "tasker_steps_fast", "announced to workers, once, not to orchestrators");
+    assert!(tokio::time::timeout(Duration::from_millis(300), listener.recv()).await.is_err());
+    assert!(claim_all(&pool, ORCH).await.is_empty(), "nothing due for an orchestrator");
+
+    // Workers alone take both tasks to the end.
+    loop {
+        let claims = claim_steps(&pool, "w", 10).await;
+        if claims.is_empty() {
+            break;
+        }
+        let successes: Vec<Success> =
+            claims.iter().map(|c| Success { attempt: c.attempt_ref(), result: serde_json::json!(1) }).collect();
+        step_result::complete_steps(&pool, "w", &successes).await.unwrap();
+    }
+    for c in &created {
+        assert_eq!(task_state(&pool, c.task_uuid).await, TaskState::Complete);
+    }
+    assert!(claim_all(&pool, ORCH).await.is_empty());
+    assert_invariants(&pool).await;
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn step_claims_not_made_by_a_notification_are_logged_with_their_wait(pool: PgPool) {
+    let t = single("logged");
+    publish(&pool, &t).await;
+    submit(&pool, &t, 3).await;
+    enqueue_pass(&pool, ORCH).await;
+    let by_event = claim::claim_steps(&pool, "w1", None, 1, LEASE, DiscoveredVia::Event).await.unwrap();
+    let by_poll = claim::claim_steps(&pool, "w2", None, 1, LEASE, DiscoveredVia::Poll).await.unwrap();
+    let by_sweep = claim::claim_steps(&pool, "w3", None, 1, LEASE, DiscoveredVia::Sweep).await.unwrap();
+    let logged: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT step_uuid, claimed_by, discovered_via FROM tasker.step_discoveries
+         WHERE enqueued_at IS NOT NULL AND claimed_at >= enqueued_at ORDER BY claimed_by",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        logged,
+        vec![
+            (by_poll[0].step_uuid, "w2".to_owned(), "poll".to_owned()),
+            (by_sweep[0].step_uuid, "w3".to_owned(), "sweep".to_owned())
+        ],
+        "the event claim of {} is not logged",
+        by_event[0].step_uuid
+    );
+    assert!(by_poll[0].enqueued_at.is_some() && by_poll[0].claimed_at >= by_poll[0].enqueued_at.unwrap());
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
@@ -328,9 +444,20 @@ async fn of_two_concurrent_finalizers_exactly_one_wins(pool_options: PgPoolOptio
     let tasks = submit(&pool, &t, 10).await;
     enqueue_pass(&pool, ORCH).await;
     let steps = claim_steps(&pool, "w", 100).await;
+    // A holder's claims keep the completions from finalizing (they wake the
+    // tasks instead); then the holder is gone and its claims expire, so that
+    // two other orchestrators find every task finished and unheld.
+    sqlx::query("SELECT tasker.wake_tasks($1)").bind(&tasks).execute(&pool).await.unwrap();
+    assert_eq!(claim_all(&pool, "holder").await.len(), 10);
     let successes: Vec<Success> =
         steps.iter().map(|s| Success { attempt: s.attempt_ref(), result: serde_json::json!(null) }).collect();
-    step_result::complete_steps(&pool, "w", &successes).await.unwrap();
+    let recorded = step_result::complete_steps(&pool, "w", &successes).await.unwrap();
+    assert!(recorded.iter().all(|r| r.accepted && !r.task_finalized && r.task_woken));
+    let mut conn = pool.acquire().await.unwrap();
+    for &task in &tasks {
+        expire_leases(&mut conn, task).await;
+    }
+    drop(conn);
 
     let mut gate = PgConnection::connect_with(&connect_options).await.unwrap();
     for &task in &tasks {

@@ -240,7 +240,7 @@ async fn hot_statements_never_scan_steps_or_edges(pool: PgPool) {
     // a, then b and c (enqueued by a's completion), then d.
     let mut completed = 0;
     for expected in [16, 32, 16] {
-        let claims = claim::claim_steps(&mut *tx, "w", None, 32, LEASE).await.unwrap();
+        let claims = claim::claim_steps(&mut *tx, "w", None, 32, LEASE, DiscoveredVia::Event).await.unwrap();
         assert_eq!(claims.len(), expected);
         let successes: Vec<Success> =
             claims.iter().map(|c| Success { attempt: c.attempt_ref(), result: serde_json::json!(c.name) }).collect();

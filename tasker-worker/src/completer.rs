@@ -8,14 +8,16 @@
 //! it at once: along a chain of steps, the next step begins without a claim
 //! transaction or a notification round trip of its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use chrono::Utc;
 use sqlx::PgPool;
-use tasker_shared::claim::{self, AttemptRef, StepClaim};
+use tasker_shared::claim::{self, AttemptRef, DiscoveredVia, StepClaim};
 use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
+use tasker_shared::state_machine::TaskState;
 use tasker_shared::step_result::{self, Failure, Recorded, Success};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -158,7 +160,9 @@ async fn complete(
         None => Vec::new(),
         Some(reservation) => {
             let limit = i32::try_from(reservation.capacity()).unwrap_or(i32::MAX);
-            claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease()).await?
+            // Found by the completion itself: as good as a notification.
+            let via = DiscoveredVia::Event;
+            claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease(), via).await?
         }
     };
     tx.commit().await?;
@@ -169,6 +173,7 @@ async fn complete(
 async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatisticsCollector) {
     let accepted: HashSet<Uuid> = recorded.iter().filter(|r| r.accepted).map(|r| r.step_uuid).collect();
     let mut woken = HashSet::new();
+    let mut finalized = HashMap::new();
     for outcome in batch {
         let step = outcome.attempt.step_uuid;
         if !accepted.contains(&step) {
@@ -177,8 +182,13 @@ async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatis
             tracing::info!(step = %step, attempt = outcome.attempt.attempt, "outcome rejected: the attempt no longer owns the step (cancelled or taken over)");
             continue;
         }
-        if recorded.iter().any(|r| r.step_uuid == step && r.task_woken) {
-            woken.insert(outcome.task_uuid);
+        if let Some(r) = recorded.iter().find(|r| r.step_uuid == step) {
+            if r.task_woken {
+                woken.insert(outcome.task_uuid);
+            }
+            if let (true, Some(created_at)) = (r.task_finalized, r.task_created_at) {
+                finalized.insert(outcome.task_uuid, created_at);
+            }
         }
         match &outcome.result {
             Ok(_) => {
@@ -203,6 +213,11 @@ async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatis
     if enqueued > 0 {
         metrics::counter_by(names::STEPS_ENQUEUED, u64::try_from(enqueued).unwrap_or(0));
         metrics::notifications_sent("steps", namespaces.len() as u64);
+    }
+    for created_at in finalized.values() {
+        metrics::counter_with(names::TASKS_FINALIZED, "state", TaskState::Complete.as_str());
+        let latency = (Utc::now() - *created_at).to_std().unwrap_or_default();
+        stats.record(Event::TaskFinalized, latency).await;
     }
     if !woken.is_empty() {
         metrics::tasks_made_ready("step_result", woken.len() as u64);

@@ -8,6 +8,7 @@ use tasker_shared::db::{self, PoolSettings};
 use tasker_shared::discovery::{Channels, Discovery, DiscoveryConfig};
 use tasker_shared::event_system::SampledStatisticsCollector;
 use tasker_shared::maintenance;
+use tasker_shared::monitoring::PgNotifyMonitor;
 use tasker_shared::service::{bind_http, serve_http};
 use tasker_shared::{http, metrics};
 use tokio_util::sync::CancellationToken;
@@ -85,6 +86,7 @@ pub async fn run(settings: Settings, registry: HandlerRegistry, shutdown: Cancel
         discovery.clone(),
         journal,
         stats.clone(),
+        PgNotifyMonitor::new(&settings.monitoring, stats.clone()),
     );
     let work = tokio::spawn(worker.run(shutdown.clone()));
     let router =

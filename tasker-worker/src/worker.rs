@@ -16,6 +16,7 @@ use tasker_shared::discovery::{Backoff, Discovery};
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::identifier::Identifier;
 use tasker_shared::metrics;
+use tasker_shared::monitoring::PgNotifyMonitor;
 use tasker_shared::service::sleep_unless_shutdown;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,7 @@ pub struct Worker {
     discovery: Discovery,
     journal: Option<Arc<Journal>>,
     stats: SampledStatisticsCollector,
+    monitor: PgNotifyMonitor,
 }
 
 /// What each attempt task needs.
@@ -92,6 +94,7 @@ pub struct Continuation {
     lease: Duration,
     shutdown: CancellationToken,
     stats: SampledStatisticsCollector,
+    monitor: PgNotifyMonitor,
 }
 
 /// Capacity and a channel to report to, held from before a continuation claim
@@ -147,6 +150,9 @@ impl Continuation {
 
     /// Starts committed claims, one permit each, and gives the rest back.
     pub async fn start(&self, claims: Vec<StepClaim>, mut reservation: Reservation) {
+        for claim in &claims {
+            self.monitor.record_step_discovery(claim, DiscoveredVia::Event).await;
+        }
         let shared = Shared { context: self.context.clone(), outcomes: reservation.outcomes.clone() };
         start_attempts(claims, std::mem::take(&mut reservation.permits), &shared, &self.stats).await;
     }
@@ -171,8 +177,9 @@ impl Worker {
         discovery: Discovery,
         journal: Option<Journal>,
         stats: SampledStatisticsCollector,
+        monitor: PgNotifyMonitor,
     ) -> Self {
-        Worker { pool, config, registry: Arc::new(registry), discovery, journal: journal.map(Arc::new), stats }
+        Worker { pool, config, registry: Arc::new(registry), discovery, journal: journal.map(Arc::new), stats, monitor }
     }
 
     /// Runs until `shutdown`, then drains as described in the module docs.
@@ -199,6 +206,7 @@ impl Worker {
             lease: self.config.lease,
             shutdown: shutdown.clone(),
             stats: self.stats.clone(),
+            monitor: self.monitor.clone(),
         };
         let completer = tokio::spawn(completer::run(
             self.pool.clone(),
@@ -218,8 +226,8 @@ impl Worker {
         ));
 
         let mut backoff = Backoff::new();
-        while self.discovery.next().await.is_some() {
-            match self.drain(&permits, &shared).await {
+        while let Some(via) = self.discovery.next().await {
+            match self.drain(via, &permits, &shared).await {
                 Ok(()) => backoff.reset(),
                 Err(err) => {
                     let delay = backoff.next_delay();
@@ -227,7 +235,7 @@ impl Worker {
                     if !sleep_unless_shutdown(delay, &shutdown).await {
                         break;
                     }
-                    self.discovery.wake(DiscoveredVia::Event);
+                    self.discovery.wake(via);
                 }
             }
         }
@@ -247,8 +255,8 @@ impl Worker {
         tracing::info!("worker stopped");
     }
 
-    /// Claims while there is capacity and work.
-    async fn drain(&self, permits: &Arc<Semaphore>, shared: &Shared) -> tasker_shared::Result<()> {
+    /// Claims while there is capacity and work; `via` is what woke it.
+    async fn drain(&self, via: DiscoveredVia, permits: &Arc<Semaphore>, shared: &Shared) -> tasker_shared::Result<()> {
         loop {
             // Capacity first: the completer claims too (see `Continuation`).
             let mut reserved = reserve(permits, usize::MAX);
@@ -270,11 +278,15 @@ impl Worker {
                 self.config.namespace.as_ref(),
                 i32::try_from(free).unwrap_or(i32::MAX),
                 self.config.lease,
+                via,
             )
             .await?;
             let claim_elapsed = started.elapsed();
             metrics::claim_duration("steps", claim_elapsed);
             self.stats.record(Event::ClaimCycle, claim_elapsed).await;
+            for claim in &claims {
+                self.monitor.record_step_discovery(claim, via).await;
+            }
             let drained = claims.len() < free;
             start_attempts(claims, reserved, shared, &self.stats).await;
             metrics::add_processing_time(started.elapsed());

@@ -43,7 +43,7 @@ fn tasker_demo_runs_to_the_end_and_leaves_nothing_behind() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("complete            200"), "{stdout}");
-    assert!(stdout.contains("discovered by"), "{stdout}");
+    assert!(stdout.contains("steps claimed by    event"), "{stdout}");
     assert!(stderr.contains("cleaned up"), "{stderr}");
     assert_eq!(tasker_processes(), processes_before, "no demo process is left");
     assert_eq!(throwaway_dirs(), dirs_before, "no demo directory is left");

@@ -37,8 +37,19 @@ async fn sigkill_of_an_orchestrator_holding_claims_loses_nothing() {
     .await
     .unwrap();
     let api = deployment.api();
-    api.publish_template(&templates::diamond("crash")).await.unwrap();
-    submit_many(&api, "crash", "diamond", 1_000).await.unwrap();
+    // Each task's step fails once: its failure wakes the task, and an
+    // orchestrator claims it to schedule the retry and again to enqueue it
+    // (new tasks start, and complete, without one).
+    api.publish_template(&templates::single(
+        "crash",
+        "flaky",
+        "fail",
+        serde_json::json!({"fail_times": 1}),
+        serde_json::json!({"backoff_ms": 50, "max_attempts": 3}),
+    ))
+    .await
+    .unwrap();
+    submit_many(&api, "crash", "flaky", 1_000).await.unwrap();
 
     // Freeze the victim and kill it at a moment it holds claims. Whether the
     // kill stranded work is judged after it died (a release it sent just

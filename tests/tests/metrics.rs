@@ -53,9 +53,19 @@ async fn metrics_pass_promtool_are_documented_and_carry_no_ids() {
         serde_json::json!({"backoff_ms": 10}),
     );
     api.publish_template(&flaky).await.unwrap();
+    // Fails for good: the orchestrator finalizes these (workers finalize the rest).
+    let doomed = templates::single(
+        "obs",
+        "doomed",
+        "fail",
+        serde_json::json!({"fail_times": 1}),
+        serde_json::json!({"max_attempts": 1}),
+    );
+    api.publish_template(&doomed).await.unwrap();
     let mut tasks = submit_many(&api, "obs", "diamond", 50).await.unwrap();
     tasks.extend(submit_many(&api, "obs", "flaky", 5).await.unwrap());
-    wait_until("all tasks final", Duration::from_secs(60), || async { db.final_tasks().await == 55 }).await;
+    tasks.extend(submit_many(&api, "obs", "doomed", 3).await.unwrap());
+    wait_until("all tasks final", Duration::from_secs(60), || async { db.final_tasks().await == 58 }).await;
     // Let the monitor's timer sample due-work depth at least once.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -80,7 +90,7 @@ async fn metrics_pass_promtool_are_documented_and_carry_no_ids() {
         "tasker_info",
         "tasker_tasks_discovered_total",
         "tasker_discovery_lag_seconds_bucket",
-        "tasker_tasks_made_ready_total",
+        "tasker_steps_enqueued_total",
         "tasker_notifications_sent_total",
         "tasker_listener_connected",
         "tasker_steps_retried_total",
@@ -94,10 +104,18 @@ async fn metrics_pass_promtool_are_documented_and_carry_no_ids() {
     ] {
         assert!(orchestrator.samples.iter().any(|s| s.name == family), "orchestrator exports {family}");
     }
+    assert_eq!(orchestrator.sum("tasker_tasks_finalized_total", &[("state", "error")]), 3.0);
     let worker = deployment.services[1].metrics().await.unwrap();
-    assert_eq!(worker.sum("tasker_steps_started_total", &[]), 50.0 * 4.0 + 10.0, "every attempt counted");
-    assert_eq!(worker.sum("tasker_steps_failed_total", &[("retryable", "true")]), 5.0);
+    assert_eq!(worker.sum("tasker_steps_started_total", &[]), 50.0 * 4.0 + 10.0 + 3.0, "every attempt counted");
+    assert_eq!(worker.sum("tasker_steps_failed_total", &[("retryable", "true")]), 8.0);
+    assert_eq!(worker.sum("tasker_steps_discovered_total", &[]), 50.0 * 4.0 + 10.0 + 3.0, "every claim counted");
+    assert_eq!(worker.sum("tasker_tasks_finalized_total", &[("state", "complete")]), 55.0, "last completions finalize");
+    assert_eq!(worker.sum("tasker_tasks_made_ready_total", &[("source", "step_result")]), 8.0, "each failure wakes");
     assert!(worker.samples.iter().any(|s| s.name == "tasker_step_duration_seconds_bucket"));
+    assert!(worker.samples.iter().any(|s| {
+        s.name == "tasker_discovery_lag_seconds_bucket"
+            && s.labels.iter().any(|(k, v)| k == "channel_kind" && v == "steps")
+    }));
     deployment.stop_all().await;
     db.drop_database().await.unwrap();
 }

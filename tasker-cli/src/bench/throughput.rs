@@ -11,8 +11,8 @@
 //!
 //! Reported: tasks/s and steps/s over the drain (first claim to last
 //! completion; the submission rate separately), submit-to-complete latency
-//! percentiles, per-hop latency (task due to its first orchestration pass; step
-//! enqueued to a worker's claim), database transactions and statements per step
+//! percentiles, per-hop latency (task created to started; step enqueued to a
+//! worker's claim), database transactions and statements per step
 //! (`pg_stat_database` and `pg_stat_statements` deltas over the drain), and CPU
 //! seconds and peak RSS per process. The ceiling is `pgbench`: a one-row UPDATE
 //! per transaction, 2 clients, 15 s; every throughput is also printed as a
@@ -99,8 +99,9 @@ impl Workload {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Breakdown {
     /// Task created (its transaction's start) to its first step enqueued: the
-    /// submission's commit and notification, the orchestrator's claim, and its
-    /// pass up to the enqueue.
+    /// rest of the submitting transaction, which starts the task (a task left
+    /// for an orchestrator adds the commit, a notification, a claim and a
+    /// pass).
     pub submit_to_enqueued_ms: Percentiles,
     /// Step enqueued to a worker's claim of it: the enqueuing commit, the
     /// notification, and the claim.
@@ -108,8 +109,9 @@ pub struct Breakdown {
     /// Step claimed to its result recorded: the claim's commit, the handler,
     /// and the completer's statement up to its write.
     pub claimed_to_completed_ms: Percentiles,
-    /// Last step's result recorded to the task final: the completion's commit
-    /// and notification, the orchestrator's claim, and its finalizing pass.
+    /// Last step's result recorded to the task final: the rest of the
+    /// completing statement, which finalizes (when an orchestrator holds the
+    /// task at that moment: the wake-up, its claim and its finalizing pass).
     pub completed_to_final_ms: Percentiles,
 }
 
@@ -203,7 +205,8 @@ pub struct Report {
     pub steps_per_sec: f64,
     /// Submit to complete.
     pub latency_ms: Percentiles,
-    /// Task due (created) to its first orchestration pass.
+    /// Task created to started (in `steps_in_process`): the submitting
+    /// transaction, or an orchestrator's first pass for a task it left.
     pub hop_task_claim_ms: Percentiles,
     /// Step enqueued to a worker's claim.
     pub hop_step_pickup_ms: Percentiles,
@@ -315,7 +318,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         "SELECT (SELECT count(*) FROM tasker.tasks WHERE state = 'complete'),
                 (SELECT count(*) FROM tasker.workflow_steps WHERE state = 'complete'),
                 extract(epoch FROM (SELECT max(completed_at) FROM tasker.tasks)
-                                 - (SELECT min(created_at) FROM tasker.task_transitions WHERE to_state = 'steps_in_process'))::float8",
+                                 - (SELECT min(created_at) FROM tasker.workflow_step_transitions WHERE to_state = 'in_progress'))::float8",
     )
     .fetch_one(&db.pool)
     .await?;
@@ -377,7 +380,7 @@ async fn create_up_front(pool: &PgPool, template: &TaskTemplate, total: usize) -
     while left > 0 {
         let n = left.min(per_batch);
         let mut tx = pool.begin().await?;
-        tasks::create_tasks(&mut tx, "bench", &vec![request.clone(); n]).await?;
+        tasks::create_tasks(&mut tx, "bench", &vec![request.clone(); n], tasks::Start::Now).await?;
         tx.commit().await?;
         left -= n;
     }
@@ -454,7 +457,7 @@ fn print(r: &Report) {
         r.steps_ratio()
     );
     println!("  submit-to-complete ms                          {}", p(&r.latency_ms));
-    println!("  hop: task due -> first pass ms                 {}", p(&r.hop_task_claim_ms));
+    println!("  hop: task created -> started ms                {}", p(&r.hop_task_claim_ms));
     println!("  hop: step enqueued -> claimed ms               {}", p(&r.hop_step_pickup_ms));
     let b = &r.breakdown;
     println!("  path: submitted -> first step enqueued ms      {}", p(&b.submit_to_enqueued_ms));

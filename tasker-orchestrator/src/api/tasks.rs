@@ -7,8 +7,8 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use tasker_shared::event_system::Event;
 use tasker_shared::identifier::Identifier;
-use tasker_shared::metrics;
-use tasker_shared::tasks::{self, CreatedTask, NewTask};
+use tasker_shared::metrics::{self, names};
+use tasker_shared::tasks::{self, CreatedTask, NewTask, Start};
 use tasker_shared::template::Version;
 use uuid::Uuid;
 
@@ -100,16 +100,36 @@ pub(super) async fn submit_batch(
 async fn create(state: &ApiState, requests: Vec<NewTask>) -> Result<Vec<CreatedTask>, ApiError> {
     let started = std::time::Instant::now();
     let mut tx = state.pool.begin().await.map_err(tasker_shared::Error::from)?;
-    let created = tasks::create_tasks(&mut tx, &state.actor, &requests).await?;
+    let created = tasks::create_tasks(&mut tx, &state.actor, &requests, Start::Now).await?;
     tx.commit().await.map_err(tasker_shared::Error::from)?;
-    let new = created.iter().filter(|t| t.created).count() as u64;
-    if new > 0 {
-        metrics::tasks_made_ready("created", new);
+
+    // Only now, with everything committed, count what happened.
+    let elapsed = started.elapsed();
+    let new: Vec<&CreatedTask> = created.iter().filter(|t| t.created).collect();
+    for _ in &new {
+        state.stats.record(Event::TaskCreated, elapsed).await;
+    }
+    // Started tasks announced their first steps on their namespaces' step
+    // channels; any left for an orchestrator were announced on the task channel.
+    let steps_enqueued: usize = new.iter().map(|t| t.steps_enqueued).sum();
+    let mut step_channels: Vec<&str> = requests
+        .iter()
+        .zip(&created)
+        .filter(|(_, t)| t.created && t.steps_enqueued > 0)
+        .map(|(r, _)| r.namespace.as_str())
+        .collect();
+    step_channels.sort_unstable();
+    step_channels.dedup();
+    let left_due = new.iter().filter(|t| t.steps_enqueued == 0).count() as u64;
+    if steps_enqueued > 0 {
+        metrics::counter_by(names::STEPS_ENQUEUED, steps_enqueued as u64);
+        metrics::notifications_sent("steps", step_channels.len() as u64);
+    }
+    if left_due > 0 {
+        metrics::tasks_made_ready("created", left_due);
         metrics::notifications_sent("tasks", 1);
-        let elapsed = started.elapsed();
-        for _ in 0..new {
-            state.stats.record(Event::TaskCreated, elapsed).await;
-        }
+    }
+    for _ in 0..step_channels.len() + usize::from(left_due > 0) {
         state.stats.record(Event::NotificationSent, elapsed).await;
     }
     Ok(created)

@@ -2,35 +2,43 @@
 //!
 //! NOTIFY is at most once: a listener that is disconnected (or was never
 //! there) misses what was sent meanwhile, and the work waits until a poll or a
-//! catch-up sweep finds it. The monitor looks at every claim:
+//! catch-up sweep finds it. Work is announced on two kinds of channel, and the
+//! monitor looks at every claim on both: orchestrators' task claims (the task
+//! channel) and workers' step claims (the namespaces' step channels, on which
+//! a new task's first steps and every dependent are announced).
 //!
-//! - it records how the task was found (event, poll, sweep, timer) and the lag
-//!   from `ready_since` to the claim (`tasker_tasks_discovered_total{via}`,
-//!   `tasker_discovery_lag_seconds{via}`);
-//! - a **miss** is a task found by anything but a notification (a poll, a
+//! - It records how the work was found (event, poll, sweep, timer) and the lag
+//!   from when it became due (a task's `ready_since`, a step's `enqueued_at`)
+//!   to the claim (`tasker_tasks_discovered_total{via}`,
+//!   `tasker_steps_discovered_total{via}`,
+//!   `tasker_discovery_lag_seconds{channel_kind, via}`).
+//! - A **miss** is work found by anything but a notification (a poll, a
 //!   catch-up sweep, or a timer that happened to fire) more than the miss
-//!   threshold after it became due (`tasker_notify_misses_total{via}`). A poll
-//!   or sweep that merely races a listener on fresh work claims it well within
-//!   the threshold and is not a miss; a notification that reached a listener is
-//!   claimed by an event, however late; and a task whose previous claim expired
-//!   waited for a dead orchestrator, not for a notification
-//!   (`tasker_claims_taken_over_total` counts those). The default threshold
-//!   (2 s) is far above the event path's lag (milliseconds) and well below
-//!   polling replicas' intervals (the plan's 5 s);
-//! - lags above the warning level (the plan's 30 s) are logged at warn with the
-//!   task's id.
+//!   threshold after it became due (`tasker_notify_misses_total{channel_kind,
+//!   via}`). A poll or sweep that merely races a listener on fresh work claims
+//!   it well within the threshold and is not a miss; a notification that
+//!   reached a listener is claimed by an event, however late; and a task whose
+//!   previous claim expired waited for a dead orchestrator, not for a
+//!   notification (`tasker_claims_taken_over_total` counts those). The default
+//!   threshold (2 s) is far above the event path's lag (milliseconds) and well
+//!   below polling replicas' intervals (the plan's 5 s).
+//! - Lags above the warning level (the plan's 30 s) of work not found by a
+//!   notification are logged at warn with the work's id.
 //!
 //! Misses must also be seen where no instance polls: [`run_checks`] counts, on
 //! a timer, tasks that are due, unclaimed and older than the threshold
 //! (`tasker_notify_overdue_tasks`, a gauge: a level, so a task later claimed by
-//! a poll is not counted twice), and samples due-work depth per namespace.
+//! a poll is not counted twice), and samples due-work depth per namespace
+//! (`tasker_due_tasks`, `tasker_enqueued_steps`).
 
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::claim::{DiscoveredVia, TaskClaim};
+use uuid::Uuid;
+
+use crate::claim::{DiscoveredVia, StepClaim, TaskClaim};
 use crate::config::MonitoringSettings;
 use crate::event_system::{Event, SampledStatisticsCollector};
 use crate::metrics;
@@ -63,18 +71,54 @@ impl PgNotifyMonitor {
         if claim.took_over {
             metrics::counter_by(metrics::names::CLAIMS_TAKEN_OVER, 1);
         }
-        let miss = self.is_miss(via, lag, claim.took_over);
+        self.judge(Channel::Tasks, claim.task_uuid, via, lag, claim.took_over).await
+    }
+
+    /// Records how a claimed step was discovered; returns whether it was a miss.
+    pub async fn record_step_discovery(&self, claim: &StepClaim, via: DiscoveredVia) -> bool {
+        let lag = claim.discovery_lag();
+        metrics::step_discovered(via, lag);
+        self.judge(Channel::Steps, claim.step_uuid, via, lag, false).await
+    }
+
+    async fn judge(&self, channel: Channel, subject: Uuid, via: DiscoveredVia, lag: Duration, took_over: bool) -> bool {
+        let miss = self.is_miss(via, lag, took_over);
         if miss {
-            metrics::notify_miss(via);
+            metrics::notify_miss(channel.kind(), via);
             self.stats.record(Event::NotifyMiss, lag).await;
         }
-        if lag > self.warn_after {
+        if via != DiscoveredVia::Event && lag > self.warn_after {
+            let what = channel.subject();
             tracing::warn!(
-                task = %claim.task_uuid, lag = ?lag, via = %via,
-                "task was due for {lag:?} before it was discovered; likely a missed PG_NOTIFY"
+                id = %subject, lag = ?lag, via = %via,
+                "{what} was due for {lag:?} before it was discovered; likely a missed PG_NOTIFY"
             );
         }
         miss
+    }
+}
+
+/// The kind of channel work was announced on.
+#[derive(Debug, Clone, Copy)]
+enum Channel {
+    Tasks,
+    Steps,
+}
+
+impl Channel {
+    /// The `channel_kind` label.
+    fn kind(self) -> &'static str {
+        match self {
+            Channel::Tasks => "tasks",
+            Channel::Steps => "steps",
+        }
+    }
+
+    fn subject(self) -> &'static str {
+        match self {
+            Channel::Tasks => "task",
+            Channel::Steps => "step",
+        }
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn submit(pool: &PgPool, template: &TaskTemplate, n: usize) -> Vec<Uui
     let requests: Vec<NewTask> = (0..n).map(|_| new_task(template)).collect();
     for chunk in requests.chunks(tasks::MAX_BATCH) {
         let mut tx = pool.begin().await.expect("begin");
-        let created = tasks::create_tasks(&mut tx, "test", chunk).await.expect("create");
+        let created = tasks::create_tasks(&mut tx, "test", chunk, tasks::Start::ByOrchestrator).await.expect("create");
         tx.commit().await.expect("commit");
         ids.extend(created.into_iter().map(|c| c.task_uuid));
     }
@@ -96,7 +96,7 @@ pub async fn enqueue_pass(pool: &PgPool, orchestrator: &str) -> Vec<EnqueuedStep
 }
 
 pub async fn claim_steps(pool: &PgPool, worker: &str, limit: i32) -> Vec<StepClaim> {
-    claim::claim_steps(pool, worker, None, limit, LEASE).await.expect("claim steps")
+    claim::claim_steps(pool, worker, None, limit, LEASE, DiscoveredVia::Event).await.expect("claim steps")
 }
 
 pub async fn step_state(conn: impl sqlx::PgExecutor<'_>, task: Uuid, name: &str) -> StepState {
