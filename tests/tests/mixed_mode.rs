@@ -93,10 +93,13 @@ async fn mixed_mode_deployment_handles_notify_failure() {
     let catch_all_steps = deployment.metric_sum("worker-poll", "tasker_steps_started_total", &[]).await;
     assert!(poll_misses > 0.0, "the polling orchestrator found missed work ({poll_claims} poll claims)");
     assert!(catch_all_steps > 0.0, "the catch-all polling worker ran steps the listeners missed");
+    let step_misses = deployment.metric_sum("worker", "tasker_notify_misses_total", &[("channel_kind", "steps")]).await;
+    assert!(step_misses > 0.0, "the workers counted the step notifications they missed");
     let reconnects = deployment.metric_sum("", "tasker_listener_reconnects_total", &[]).await;
     eprintln!(
         "{total} tasks; {kills} listener terminations, {reconnects} reconnects; polling orchestrator: \
-         {poll_claims} poll claims, {poll_misses} misses; catch-all worker: {catch_all_steps} steps"
+         {poll_claims} poll claims, {poll_misses} misses; catch-all worker: {catch_all_steps} steps; \
+         step misses (all workers): {step_misses}"
     );
     assert!(reconnects >= 12.0, "the faults were noticed ({reconnects} reconnects)");
 

@@ -146,10 +146,11 @@ impl Breakdown {
             .await?,
             completed_to_final_ms: percentiles(
                 pool,
-                "SELECT extract(epoch FROM t.completed_at - l.at) * 1000
-                 FROM tasker.tasks t
+                "SELECT extract(epoch FROM f.at - l.at) * 1000
+                 FROM (SELECT task_uuid, max(created_at) AS at FROM tasker.task_transitions
+                       WHERE to_state = 'complete' GROUP BY task_uuid) f
                  JOIN (SELECT task_uuid, max(created_at) AS at FROM tasker.workflow_step_transitions
-                       WHERE to_state = 'complete' GROUP BY task_uuid) l ON l.task_uuid = t.task_uuid",
+                       WHERE to_state = 'complete' GROUP BY task_uuid) l ON l.task_uuid = f.task_uuid",
             )
             .await?,
         })
@@ -324,8 +325,17 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     .await?;
     let (tasks_done, steps, drain) = row;
     let server_cpu_seconds = server_cpu_used(server_cpu_before.as_ref(), server_cpu_after.as_ref());
-    let latency =
-        percentiles(&db.pool, "SELECT extract(epoch FROM completed_at - created_at) * 1000 FROM tasker.tasks").await?;
+    // Submission (its transaction's start) to the finalizing statement's
+    // history row (clock time): `completed_at` is its transaction's start,
+    // which would leave out the finalizing statement itself.
+    let latency = percentiles(
+        &db.pool,
+        "SELECT extract(epoch FROM f.at - t.created_at) * 1000
+         FROM tasker.tasks t
+         JOIN (SELECT task_uuid, max(created_at) AS at FROM tasker.task_transitions
+               WHERE to_state IN ('complete', 'error', 'cancelled') GROUP BY task_uuid) f ON f.task_uuid = t.task_uuid",
+    )
+    .await?;
     let hop_task = percentiles(
         &db.pool,
         "SELECT extract(epoch FROM (SELECT min(tt.created_at) FROM tasker.task_transitions tt
