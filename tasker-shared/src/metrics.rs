@@ -36,6 +36,8 @@ pub mod names {
     pub const CLAIMS_TAKEN_OVER: &str = "tasker_claims_taken_over_total";
     /// Gauge: tasks due, unclaimed and older than the miss threshold.
     pub const NOTIFY_OVERDUE: &str = "tasker_notify_overdue_tasks";
+    /// Gauge: steps enqueued, unclaimed, older than the miss threshold.
+    pub const NOTIFY_OVERDUE_STEPS: &str = "tasker_notify_overdue_steps";
     /// Gauge: tasks due for orchestration, by namespace.
     pub const DUE_TASKS: &str = "tasker_due_tasks";
     /// Gauge: steps enqueued and waiting for a worker, by namespace.
@@ -143,6 +145,11 @@ pub const CATALOG: &[(&str, Kind, &str)] = {
             NOTIFY_OVERDUE,
             Kind::Gauge,
             "Tasks due, unclaimed and waiting longer than the miss threshold (sampled on a timer).",
+        ),
+        (
+            NOTIFY_OVERDUE_STEPS,
+            Kind::Gauge,
+            "Steps enqueued, unclaimed and waiting longer than the miss threshold (sampled on a timer).",
         ),
         (DUE_TASKS, Kind::Gauge, "Tasks due for orchestration, by namespace (sampled on a timer)."),
         (ENQUEUED_STEPS, Kind::Gauge, "Steps enqueued and waiting for a worker, by namespace (sampled on a timer)."),
@@ -309,9 +316,11 @@ pub fn notify_miss(kind: &'static str, via: DiscoveredVia) {
     counter!(names::NOTIFY_MISSES, "channel_kind" => kind, "via" => via.as_str()).increment(1);
 }
 
-/// The overdue-work level.
-pub fn overdue_tasks(n: i64) {
-    gauge!(names::NOTIFY_OVERDUE).set(n as f64);
+/// The overdue-work levels: tasks due and steps enqueued, unclaimed past the
+/// miss threshold.
+pub fn overdue_work(tasks: i64, steps: i64) {
+    gauge!(names::NOTIFY_OVERDUE).set(tasks as f64);
+    gauge!(names::NOTIFY_OVERDUE_STEPS).set(steps as f64);
 }
 
 /// Due-work depth of one namespace.

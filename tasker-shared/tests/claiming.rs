@@ -437,6 +437,37 @@ async fn step_claims_not_made_by_a_notification_are_logged_with_their_wait(pool:
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn overdue_steps_are_enqueued_steps_waiting_past_the_threshold(pool: PgPool) {
+    let t = single("overdue");
+    publish(&pool, &t).await;
+    let tasks = submit(&pool, &t, 3).await;
+    enqueue_pass(&pool, ORCH).await;
+    let overdue = |older_than: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT tasker.overdue_steps($1::interval)")
+                .bind(older_than)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(overdue("5 seconds").await, 0, "just enqueued");
+    // One step has waited 10 s.
+    sqlx::query("UPDATE tasker.workflow_steps SET enqueued_at = now() - interval '10 seconds' WHERE task_uuid = $1")
+        .bind(tasks[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(overdue("5 seconds").await, 1);
+    assert_eq!(overdue("1 minute").await, 0);
+    // Claimed, it is no longer waiting (the oldest is claimed first).
+    let claimed = claim_steps(&pool, "w", 1).await;
+    assert_eq!(claimed[0].task_uuid, tasks[0]);
+    assert_eq!(overdue("5 seconds").await, 0);
+}
+
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn of_two_concurrent_finalizers_exactly_one_wins(pool_options: PgPoolOptions, connect_options: PgConnectOptions) {
     let pool = pool_options.connect_with(connect_options.clone()).await.unwrap();
     let t = single("finalize");

@@ -99,6 +99,7 @@ async fn metrics_pass_promtool_are_documented_and_carry_no_ids() {
         "tasker_orchestration_pass_seconds_bucket",
         "tasker_due_tasks",
         "tasker_notify_overdue_tasks",
+        "tasker_notify_overdue_steps",
         "tasker_db_pool_connections",
         "tasker_statistics_samples_dropped_total",
     ] {

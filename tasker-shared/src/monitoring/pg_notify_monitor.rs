@@ -26,9 +26,10 @@
 //!   notification are logged at warn with the work's id.
 //!
 //! Misses must also be seen where no instance polls: [`run_checks`] counts, on
-//! a timer, tasks that are due, unclaimed and older than the threshold
-//! (`tasker_notify_overdue_tasks`, a gauge: a level, so a task later claimed by
-//! a poll is not counted twice), and samples due-work depth per namespace
+//! a timer, tasks that are due and unclaimed, and steps enqueued and
+//! unclaimed, for longer than the threshold (`tasker_notify_overdue_tasks`,
+//! `tasker_notify_overdue_steps`: gauges, levels, so work later claimed by a
+//! poll is not counted twice), and samples due-work depth per namespace
 //! (`tasker_due_tasks`, `tasker_enqueued_steps`).
 
 use std::time::Duration;
@@ -140,10 +141,13 @@ pub async fn run_checks(pool: PgPool, settings: MonitoringSettings, shutdown: Ca
 }
 
 async fn check(pool: &PgPool, threshold: Duration) -> crate::Result<()> {
-    let overdue = sqlx::query_scalar!(r#"SELECT tasker.overdue_tasks($1) AS "n!""#, threshold as Duration)
-        .fetch_one(pool)
-        .await?;
-    metrics::overdue_tasks(overdue);
+    let overdue = sqlx::query!(
+        r#"SELECT tasker.overdue_tasks($1) AS "tasks!", tasker.overdue_steps($1) AS "steps!""#,
+        threshold as Duration
+    )
+    .fetch_one(pool)
+    .await?;
+    metrics::overdue_work(overdue.tasks, overdue.steps);
     let depth = sqlx::query!(
         r#"SELECT namespace AS "namespace!", due_tasks AS "due_tasks!", enqueued_steps AS "enqueued_steps!"
            FROM tasker.due_work_by_namespace()"#
