@@ -365,7 +365,10 @@ async fn run_writer(
 ) {
     let batch_size = collector.inner.flush_batch;
     let mut batch: Vec<Sample> = Vec::with_capacity(batch_size);
-    let mut ticks = tokio::time::interval(interval);
+    // The first flush is one interval after start (a plain `interval` ticks
+    // at once: whether that tick drained anything depended on how soon this
+    // task was first scheduled).
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stopping = tokio::select! {
