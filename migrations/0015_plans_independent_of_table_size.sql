@@ -1,0 +1,345 @@
+-- Key probes whatever the tables' statistics said when the plans were made.
+--
+-- 0014 priced sequential scans out of the hot functions, for plans made on
+-- tables with no statistics yet. Autovacuum's first ANALYZE of a young
+-- database (a few hundred tasks) replaces those plans with worse ones: every
+-- statement that joined `tasks` to a handful of keys walked the whole primary
+-- key of `tasks` instead (a merge join, or the outer side of a nested loop),
+-- which the planner, costing ten probes at random_page_cost against a table
+-- of 269 rows, judged cheaper. The plan is then kept as the table grows, so
+-- each call costs in proportion to every task ever submitted. Under `tasker
+-- bench latency` (1,200 tasks) a single-step `complete_steps` read 1,583
+-- buffers, five of its statements about 1,100 each, where a probe reads four.
+--
+-- The statements below no longer leave that choice to the planner's view of
+-- the table's size. Three forms, each with one sensible plan at any size:
+--
+--   - rows read or updated by a set of keys, with no ORDER BY and no join:
+--     `WHERE key = ANY (array)` is an index condition (no ordering to win by
+--     walking the whole index);
+--   - rows locked in key order: a sorted unnest of the keys drives a LATERAL
+--     subquery that locks one row by key (a subquery with FOR UPDATE is never
+--     flattened into a join, so each is a probe, in the outer order);
+--   - a column of a related row (a step's task): a correlated scalar
+--     subquery, a probe per row.
+--
+-- Results are unchanged; the test
+-- `hot_statements_planned_on_small_tables_still_read_by_key` makes the plans
+-- after an ANALYZE of 300 tasks, grows the tables to 5,300 and fails if the
+-- second run reads whole indexes.
+
+CREATE OR REPLACE FUNCTION tasker.lock_tasks_of_steps(p_step_uuids uuid[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+DECLARE
+    task_ids uuid[];
+BEGIN
+    SELECT array_agg(s.task_uuid) INTO task_ids
+    FROM tasker.workflow_steps s
+    WHERE s.step_uuid = ANY (p_step_uuids);
+
+    PERFORM l.task_uuid
+    FROM (SELECT DISTINCT u AS task_uuid FROM unnest(task_ids) AS u ORDER BY u) AS o
+    CROSS JOIN LATERAL (SELECT t.task_uuid
+                        FROM tasker.tasks t
+                        WHERE t.task_uuid = o.task_uuid
+                        FOR NO KEY UPDATE) AS l;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasker.claim_steps(
+    p_worker_id      text,
+    p_namespace      text,
+    p_limit          integer,
+    p_lease          interval,
+    p_discovered_via text DEFAULT 'event'
+) RETURNS TABLE (
+    step_uuid          uuid,
+    task_uuid          uuid,
+    namespace          text,
+    name               text,
+    handler            text,
+    config             jsonb,
+    attempt            integer,
+    max_attempts       integer,
+    timeout_ms         integer,
+    lease_expires_at   timestamptz,
+    task_context       jsonb,
+    dependency_results jsonb,
+    enqueued_at        timestamptz,
+    claimed_at         timestamptz
+)
+    LANGUAGE plpgsql AS $$
+DECLARE
+    candidates uuid[];
+BEGIN
+    IF p_discovered_via IS NULL OR p_discovered_via NOT IN ('event', 'poll', 'sweep', 'timer') THEN
+        RAISE EXCEPTION 'discovered_via must be event, poll, sweep or timer, not %', coalesce(p_discovered_via, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_limit IS NULL OR p_limit < 1 OR p_lease IS NULL OR p_lease <= interval '0'
+       OR coalesce(p_worker_id, '') = '' THEN
+        RAISE EXCEPTION 'claim_steps needs a worker id, a positive limit and a positive lease'
+            USING ERRCODE = '22023';
+    END IF;
+
+    -- Two spellings so each can use the claimable index as well as it allows.
+    IF p_namespace IS NULL THEN
+        SELECT array_agg(c.step_uuid) INTO candidates FROM (
+            SELECT s.step_uuid FROM tasker.workflow_steps s
+            WHERE s.state = 'enqueued'
+            ORDER BY s.priority DESC, s.enqueued_at
+            LIMIT p_limit
+            FOR NO KEY UPDATE SKIP LOCKED) c;
+    ELSE
+        SELECT array_agg(c.step_uuid) INTO candidates FROM (
+            SELECT s.step_uuid FROM tasker.workflow_steps s
+            WHERE s.state = 'enqueued' AND s.namespace = p_namespace
+            ORDER BY s.priority DESC, s.enqueued_at
+            LIMIT p_limit
+            FOR NO KEY UPDATE SKIP LOCKED) c;
+    END IF;
+
+    IF candidates IS NULL THEN
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH started AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'in_progress', attempts = s.attempts + 1, claimed_by = p_worker_id,
+            lease_expires_at = now() + p_lease, started_at = now(), updated_at = now()
+        WHERE s.step_uuid = ANY (candidates)
+        RETURNING s.*
+    ), history AS (
+        INSERT INTO tasker.workflow_step_transitions
+            (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
+        SELECT st.step_uuid, st.task_uuid, st.attempts, 'enqueued', 'in_progress',
+               format('attempt %s of %s started', st.attempts, st.max_attempts), p_worker_id
+        FROM started st
+    ), logged AS (
+        INSERT INTO tasker.step_discoveries
+            (step_uuid, attempt, claimed_by, discovered_via, enqueued_at, claimed_at)
+        SELECT st.step_uuid, st.attempts, p_worker_id, p_discovered_via, st.enqueued_at, now()
+        FROM started st
+        WHERE p_discovered_via <> 'event'
+    )
+    SELECT st.step_uuid, st.task_uuid, st.namespace, st.name, st.handler, st.config,
+           st.attempts, st.max_attempts, st.timeout_ms, st.lease_expires_at,
+           (SELECT t.context FROM tasker.tasks t WHERE t.task_uuid = st.task_uuid),
+           coalesce((SELECT jsonb_object_agg(p.name, p.result)
+                     FROM tasker.workflow_steps p
+                     WHERE p.step_uuid = ANY (ARRAY(SELECT e.from_step_uuid
+                                                    FROM tasker.workflow_step_edges e
+                                                    WHERE e.to_step_uuid = st.step_uuid))), '{}'::jsonb),
+           st.enqueued_at, now()
+    FROM started st;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasker.complete_steps(
+    p_worker_id  text,
+    p_step_uuids uuid[],
+    p_attempts   integer[],
+    p_results    jsonb[]
+) RETURNS TABLE (
+    step_uuid           uuid,
+    accepted            boolean,
+    dependents_enqueued integer,
+    task_woken          boolean,
+    task_finalized      boolean,
+    task_created_at     timestamptz
+)
+    LANGUAGE plpgsql AS $$
+DECLARE
+    accepted_steps  uuid[];
+    children        uuid[];
+    touched_tasks   uuid[];
+    woken_tasks     uuid[];
+    finishable      uuid[];
+    finishable_size integer[];
+    finalized_tasks uuid[];
+    refused_tasks   uuid[];
+    enqueued_steps  uuid[];
+    enqueued_ns     text[];
+    runnable_steps  uuid[];
+    runnable_tasks  uuid[];
+BEGIN
+    PERFORM tasker.lock_tasks_of_steps(p_step_uuids);
+
+    -- The attempt's fence is checked on the locked row, outside the probe
+    -- (OFFSET 0 keeps it there): inside, `state = 'in_progress'` would let
+    -- the planner walk the index of running steps for every input instead.
+    WITH locked AS (
+        SELECT l.step_uuid
+        FROM (SELECT i.step_uuid, i.attempt
+              FROM unnest(p_step_uuids, p_attempts) AS i(step_uuid, attempt)
+              ORDER BY i.step_uuid) AS o
+        CROSS JOIN LATERAL (
+            SELECT s.step_uuid, s.attempts, s.state, s.claimed_by
+            FROM tasker.workflow_steps s
+            WHERE s.step_uuid = o.step_uuid
+            FOR NO KEY UPDATE
+            OFFSET 0) AS l
+        WHERE l.attempts = o.attempt AND l.state = 'in_progress' AND l.claimed_by = p_worker_id
+    ), completed AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'complete',
+            result = coalesce(p_results[array_position(p_step_uuids, s.step_uuid)], 'null'::jsonb),
+            lease_expires_at = NULL, completed_at = now(), updated_at = now()
+        WHERE s.step_uuid = ANY (ARRAY(SELECT l.step_uuid FROM locked l))
+        RETURNING s.step_uuid, s.task_uuid, s.attempts
+    ), history AS (
+        INSERT INTO tasker.workflow_step_transitions
+            (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
+        SELECT c.step_uuid, c.task_uuid, c.attempts, 'in_progress', 'complete',
+               format('attempt %s succeeded', c.attempts), p_worker_id
+        FROM completed c
+    )
+    SELECT array_agg(c.step_uuid), array_agg(DISTINCT c.task_uuid)
+    INTO accepted_steps, touched_tasks
+    FROM completed c;
+
+    IF accepted_steps IS NULL THEN
+        RETURN QUERY SELECT i.step_uuid, false, 0, false, false, NULL::timestamptz
+                     FROM unnest(p_step_uuids) AS i(step_uuid);
+        RETURN;
+    END IF;
+
+    -- Dependents of the completed steps whose every dependency is now
+    -- complete, looked up by key (see 0009).
+    SELECT array_agg(DISTINCT e.to_step_uuid) INTO children
+    FROM tasker.workflow_step_edges e
+    WHERE e.from_step_uuid = ANY (accepted_steps);
+
+    SELECT array_agg(d.step_uuid), array_agg(d.task_uuid)
+    INTO runnable_steps, runnable_tasks
+    FROM tasker.workflow_steps d
+    WHERE d.step_uuid = ANY (children)
+      AND d.state = 'pending'
+      AND NOT EXISTS (SELECT 1 FROM tasker.workflow_steps p
+                      WHERE p.step_uuid = ANY (ARRAY(SELECT e.from_step_uuid
+                                                     FROM tasker.workflow_step_edges e
+                                                     WHERE e.to_step_uuid = d.step_uuid))
+                        AND p.state <> 'complete');
+
+    -- Enqueue those of running tasks, locking them in key order.
+    WITH locked AS (
+        SELECT l.step_uuid
+        FROM (SELECT u AS step_uuid FROM unnest(coalesce(runnable_steps, '{}')) AS u ORDER BY u) AS o
+        CROSS JOIN LATERAL (
+            SELECT s.step_uuid
+            FROM tasker.workflow_steps s
+            WHERE s.step_uuid = o.step_uuid
+              AND s.state = 'pending'
+              AND (SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid) = 'steps_in_process'
+            FOR NO KEY UPDATE OF s) AS l
+    ), enqueued AS (
+        UPDATE tasker.workflow_steps s
+        SET state = 'enqueued', enqueued_at = now(), updated_at = now()
+        WHERE s.step_uuid = ANY (ARRAY(SELECT l.step_uuid FROM locked l))
+        RETURNING s.step_uuid, s.task_uuid, s.namespace, s.attempts
+    ), history AS (
+        INSERT INTO tasker.workflow_step_transitions
+            (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
+        SELECT e.step_uuid, e.task_uuid, e.attempts, 'pending', 'enqueued', 'dependencies complete', p_worker_id
+        FROM enqueued e
+    )
+    SELECT array_agg(e.step_uuid), array_agg(e.namespace)
+    INTO enqueued_steps, enqueued_ns
+    FROM enqueued e;
+
+    IF enqueued_steps IS NOT NULL THEN
+        PERFORM pg_notify(tasker.step_channel(ns), '')
+        FROM (SELECT DISTINCT ns FROM unnest(enqueued_ns) AS ns) AS distinct_namespaces;
+    END IF;
+
+    -- Per touched task, through its index (a LATERAL aggregate, see 0009):
+    -- finishable (running, every step complete), or in need of its
+    -- orchestrator (nothing in flight, or runnable work the statement above
+    -- could not enqueue because the task is not running normally).
+    SELECT array_agg(c.task_uuid) FILTER (WHERE c.finishable),
+           array_agg(c.total) FILTER (WHERE c.finishable),
+           array_agg(c.task_uuid) FILTER (WHERE NOT c.finishable AND c.needs_orchestrator)
+    INTO finishable, finishable_size, woken_tasks
+    FROM (SELECT t.task_uuid,
+                 (SELECT tk.state FROM tasker.tasks tk WHERE tk.task_uuid = t.task_uuid) = 'steps_in_process'
+                     AND n.complete = n.total AS finishable,
+                 n.total,
+                 n.in_flight = 0
+                 OR EXISTS (SELECT 1
+                            FROM unnest(coalesce(runnable_steps, '{}'), coalesce(runnable_tasks, '{}'))
+                                 AS r(step_uuid, task_uuid)
+                            WHERE r.task_uuid = t.task_uuid
+                              AND NOT r.step_uuid = ANY (coalesce(enqueued_steps, '{}'))) AS needs_orchestrator
+          FROM unnest(touched_tasks) AS t(task_uuid)
+          CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE s.state IN ('enqueued', 'in_progress')) AS in_flight,
+                                     count(*) FILTER (WHERE s.state = 'complete') AS complete,
+                                     count(*) AS total
+                              FROM tasker.workflow_steps s
+                              WHERE s.task_uuid = t.task_uuid) AS n) AS c;
+
+    -- Every step of these tasks is complete and their rows have been locked
+    -- since the start (lock_tasks_of_steps), so no step of theirs can change:
+    -- finalize them all in one statement, on claim_task_for_finalization's
+    -- terms (never a task another orchestrator's unexpired claim holds; that
+    -- one is woken instead, for its holder).
+    IF finishable IS NOT NULL THEN
+        WITH finished AS (
+            UPDATE tasker.tasks t
+            SET state = 'complete', completed_at = now(), ready_at = NULL, ready_since = NULL,
+                claimed_by = NULL, claim_expires_at = NULL, updated_at = now()
+            WHERE t.task_uuid = ANY (finishable)
+              AND t.completed_at IS NULL
+              AND (t.claimed_by IS NULL OR t.claimed_by = p_worker_id OR t.claim_expires_at <= now())
+            RETURNING t.task_uuid, finishable_size[array_position(finishable, t.task_uuid)] AS size
+        ), history AS (
+            INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
+            SELECT fi.task_uuid, 'steps_in_process', 'complete', format('all %s steps complete', fi.size), p_worker_id
+            FROM finished fi
+        )
+        SELECT array_agg(fi.task_uuid) INTO finalized_tasks FROM finished fi;
+
+        refused_tasks := ARRAY(SELECT u FROM unnest(finishable) AS u
+                               WHERE NOT u = ANY (coalesce(finalized_tasks, '{}')));
+        IF cardinality(refused_tasks) > 0 THEN
+            woken_tasks := array_cat(woken_tasks, refused_tasks);
+        END IF;
+    END IF;
+
+    IF woken_tasks IS NOT NULL THEN
+        PERFORM tasker.wake_tasks(woken_tasks);
+    END IF;
+
+    -- Each enqueued dependent is credited to one completed parent of this call.
+    RETURN QUERY
+    WITH credit AS (
+        SELECT c.parent, count(*)::integer AS n
+        FROM (SELECT (SELECT min(e.from_step_uuid::text)::uuid
+                      FROM tasker.workflow_step_edges e
+                      WHERE e.to_step_uuid = d.step_uuid
+                        AND e.from_step_uuid = ANY (accepted_steps)) AS parent
+              FROM unnest(coalesce(enqueued_steps, '{}')) AS d(step_uuid)) c
+        GROUP BY c.parent
+    ), outcome AS MATERIALIZED (
+        SELECT i.step_uuid,
+               (SELECT s.task_uuid FROM tasker.workflow_steps s WHERE s.step_uuid = i.step_uuid) AS task_uuid
+        FROM unnest(p_step_uuids) AS i(step_uuid)
+    )
+    SELECT o.step_uuid, o.step_uuid = ANY (accepted_steps), coalesce(cr.n, 0),
+           coalesce(o.task_uuid = ANY (woken_tasks), false),
+           coalesce(o.task_uuid = ANY (finalized_tasks), false),
+           CASE WHEN o.task_uuid = ANY (finalized_tasks)
+                THEN (SELECT t.created_at FROM tasker.tasks t WHERE t.task_uuid = o.task_uuid) END
+    FROM outcome o
+    LEFT JOIN credit cr ON cr.parent = o.step_uuid;
+END
+$$;
+
+-- CREATE OR REPLACE resets a function's settings: give these back their
+-- generic plans (0011) and their priced-out scans (0014).
+ALTER FUNCTION tasker.lock_tasks_of_steps(uuid[])
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off;
+ALTER FUNCTION tasker.claim_steps(text, text, integer, interval, text)
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off;
+ALTER FUNCTION tasker.complete_steps(text, uuid[], integer[], jsonb[])
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off;
