@@ -166,21 +166,22 @@ DECLARE
 BEGIN
     PERFORM tasker.lock_tasks_of_steps(p_step_uuids);
 
-    -- The attempt's fence is checked on the locked row, outside the probe
+    -- The attempt's state is checked on the locked row, outside the probe
     -- (OFFSET 0 keeps it there): inside, `state = 'in_progress'` would let
-    -- the planner walk the index of running steps for every input instead.
+    -- the planner walk the partial index of running steps, filtering on the
+    -- key, for every input.
     WITH locked AS (
         SELECT l.step_uuid
         FROM (SELECT i.step_uuid, i.attempt
               FROM unnest(p_step_uuids, p_attempts) AS i(step_uuid, attempt)
               ORDER BY i.step_uuid) AS o
         CROSS JOIN LATERAL (
-            SELECT s.step_uuid, s.attempts, s.state, s.claimed_by
+            SELECT s.step_uuid, s.state
             FROM tasker.workflow_steps s
-            WHERE s.step_uuid = o.step_uuid
+            WHERE s.step_uuid = o.step_uuid AND s.attempts = o.attempt AND s.claimed_by = p_worker_id
             FOR NO KEY UPDATE
             OFFSET 0) AS l
-        WHERE l.attempts = o.attempt AND l.state = 'in_progress' AND l.claimed_by = p_worker_id
+        WHERE l.state = 'in_progress'
     ), completed AS (
         UPDATE tasker.workflow_steps s
         SET state = 'complete',
