@@ -169,7 +169,9 @@ BEGIN
     -- The attempt's state is checked on the locked row, outside the probe
     -- (OFFSET 0 keeps it there): inside, `state = 'in_progress'` would let
     -- the planner walk the partial index of running steps, filtering on the
-    -- key, for every input.
+    -- key, for every input. Each result is found by its position in the
+    -- input (a linear search per row, at most 256 rows a call) rather than
+    -- by joining the input, which would bring back the join choice.
     WITH locked AS (
         SELECT l.step_uuid
         FROM (SELECT i.step_uuid, i.attempt
