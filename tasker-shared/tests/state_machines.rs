@@ -119,6 +119,57 @@ async fn sql_guards_reject_every_transition_not_in_the_table(pool: PgPool) {
     check_guard(bad_insert, false, "insert a task as complete");
 }
 
+/// History is append-only, goes with the task it describes, and cannot name a
+/// task or step that does not exist.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPool) {
+    let t = diamond("history");
+    publish(&pool, &t).await;
+    let tasks = submit(&pool, &t, 2).await;
+    enqueue_pass(&pool, ORCH).await;
+    let history_of = |task: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT (SELECT count(*) FROM tasker.task_transitions WHERE task_uuid = $1)
+                      + (SELECT count(*) FROM tasker.workflow_step_transitions WHERE task_uuid = $1)",
+            )
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(history_of(tasks[0]).await > 0 && history_of(tasks[1]).await > 0);
+
+    for table in ["task_transitions", "workflow_step_transitions"] {
+        let refused = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM tasker.{table}")))
+            .execute(&pool)
+            .await
+            .expect_err("history cannot be deleted directly");
+        assert_eq!(refused.as_database_error().unwrap().code().as_deref(), Some("TK003"), "{table}: {refused}");
+    }
+
+    // Deleting a task (as retention does) takes its steps and all their history.
+    sqlx::query("DELETE FROM tasker.tasks WHERE task_uuid = $1").bind(tasks[0]).execute(&pool).await.unwrap();
+    assert_eq!(history_of(tasks[0]).await, 0, "history went with its task");
+    assert!(history_of(tasks[1]).await > 0, "other tasks keep theirs");
+    assert_invariants(&pool).await;
+
+    // Rows naming no task, or no step, are refused.
+    let ghost = Uuid::now_v7();
+    for insert in [
+        "INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
+         VALUES ($1, NULL, 'pending', 'test', 'test')",
+        "INSERT INTO tasker.workflow_step_transitions
+             (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
+         VALUES ($1, $1, 0, 'pending', 'enqueued', 'test', 'test')",
+    ] {
+        let refused = sqlx::query(insert).bind(ghost).execute(&pool).await.expect_err("a dangling history row");
+        assert_eq!(refused.as_database_error().unwrap().code().as_deref(), Some("23503"), "{refused}");
+    }
+}
+
 async fn force_state(conn: &mut sqlx::PgConnection, table: &str, key: &str, id: Uuid, state: &str) {
     sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE tasker.{table} SET state = $1 WHERE {key} = $2")))
