@@ -1,0 +1,23 @@
+-- bench-functions: :tasks four-step diamonds (a -> b, c -> d), started, so
+-- their roots are enqueued. Replaces whatever an earlier run left.
+SET client_min_messages = warning;
+TRUNCATE tasker.tasks CASCADE;
+INSERT INTO tasker.namespaces VALUES ('bench') ON CONFLICT DO NOTHING;
+INSERT INTO tasker.task_templates (namespace, name, version, definition)
+SELECT 'bench', 'diamond', '1.0.0', '{"steps": [{"name": "a", "handler": "noop"}]}'
+WHERE NOT EXISTS (SELECT 1 FROM tasker.task_templates);
+CREATE TEMP TABLE new_tasks AS
+    SELECT gen_random_uuid() AS task_uuid, g FROM generate_series(1, :tasks) AS g;
+INSERT INTO tasker.tasks (task_uuid, template_id, namespace)
+SELECT task_uuid, (SELECT min(template_id) FROM tasker.task_templates), 'bench' FROM new_tasks ORDER BY g;
+CREATE TEMP TABLE new_steps AS
+    SELECT t.task_uuid, n.name, gen_random_uuid() AS step_uuid
+    FROM new_tasks t, unnest(ARRAY['a', 'b', 'c', 'd']) AS n(name);
+INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, handler, namespace, max_attempts, backoff_ms, timeout_ms)
+SELECT step_uuid, task_uuid, name, 'noop', 'bench', 3, 0, 60000 FROM new_steps;
+INSERT INTO tasker.workflow_step_edges (to_step_uuid, from_step_uuid)
+SELECT t.step_uuid, f.step_uuid
+FROM new_steps t JOIN new_steps f ON f.task_uuid = t.task_uuid
+WHERE (t.name, f.name) IN (('b', 'a'), ('c', 'a'), ('d', 'b'), ('d', 'c'));
+SELECT count(*) FROM tasker.start_tasks(ARRAY(SELECT task_uuid FROM new_tasks), 'bench');
+VACUUM ANALYZE;
