@@ -11,7 +11,8 @@
 -- The edges are read from the machine tables, which stay the SQL source (the
 -- tests check them against the Rust tables, and check every ordered pair of
 -- states against the triggers themselves). A migration that changes a machine
--- table must call tasker.install_state_guards() afterwards.
+-- table must call tasker.install_state_guards() afterwards; the test
+-- `state_guards_list_the_machine_tables_edges` fails if it does not.
 
 CREATE FUNCTION tasker.install_state_guards() RETURNS void
     LANGUAGE plpgsql AS $$
@@ -33,9 +34,10 @@ BEGIN
             RAISE EXCEPTION 'tasker.% is empty: refusing to install a guard that rejects every transition',
                 guard.machine_table;
         END IF;
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON tasker.%I', guard.trigger_name, guard.rel);
+        -- CREATE OR REPLACE (not DROP and CREATE) locks the table against
+        -- writes only, not reads, while the migration's transaction lasts.
         EXECUTE format(
-            'CREATE TRIGGER %I BEFORE UPDATE OF state ON tasker.%I
+            'CREATE OR REPLACE TRIGGER %I BEFORE UPDATE OF state ON tasker.%I
                  FOR EACH ROW
                  WHEN (OLD.state IS DISTINCT FROM NEW.state AND (OLD.state, NEW.state) NOT IN (%s))
                  EXECUTE FUNCTION tasker.guard_state(%L)',

@@ -120,19 +120,20 @@ async fn sql_guards_reject_every_transition_not_in_the_table(pool: PgPool) {
 }
 
 /// History is append-only, goes with the task it describes, and cannot name a
-/// task or step that does not exist.
+/// task (task history) or a step (step history) that does not exist.
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPool) {
     let t = diamond("history");
     publish(&pool, &t).await;
     let tasks = submit(&pool, &t, 2).await;
     enqueue_pass(&pool, ORCH).await;
+    // (task history rows, step history rows) of a task.
     let history_of = |task: Uuid| {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT (SELECT count(*) FROM tasker.task_transitions WHERE task_uuid = $1)
-                      + (SELECT count(*) FROM tasker.workflow_step_transitions WHERE task_uuid = $1)",
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT (SELECT count(*) FROM tasker.task_transitions WHERE task_uuid = $1),
+                        (SELECT count(*) FROM tasker.workflow_step_transitions WHERE task_uuid = $1)",
             )
             .bind(task)
             .fetch_one(&pool)
@@ -140,34 +141,88 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
             .unwrap()
         }
     };
-    assert!(history_of(tasks[0]).await > 0 && history_of(tasks[1]).await > 0);
+    for &task in &tasks {
+        let (task_rows, step_rows) = history_of(task).await;
+        assert!(task_rows > 0 && step_rows > 0, "a started task has both histories: {task_rows}, {step_rows}");
+    }
 
-    for table in ["task_transitions", "workflow_step_transitions"] {
-        let refused = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM tasker.{table}")))
-            .execute(&pool)
-            .await
-            .expect_err("history cannot be deleted directly");
-        assert_eq!(refused.as_database_error().unwrap().code().as_deref(), Some("TK003"), "{table}: {refused}");
+    for statement in [
+        "DELETE FROM tasker.task_transitions",
+        "DELETE FROM tasker.workflow_step_transitions",
+        "UPDATE tasker.task_transitions SET reason = 'rewritten'",
+        "UPDATE tasker.workflow_step_transitions SET reason = 'rewritten'",
+    ] {
+        let refused = sqlx::query(statement).execute(&pool).await.expect_err("history is append-only");
+        assert_eq!(refused.as_database_error().unwrap().code().as_deref(), Some("TK003"), "{statement}: {refused}");
     }
 
     // Deleting a task (as retention does) takes its steps and all their history.
     sqlx::query("DELETE FROM tasker.tasks WHERE task_uuid = $1").bind(tasks[0]).execute(&pool).await.unwrap();
-    assert_eq!(history_of(tasks[0]).await, 0, "history went with its task");
-    assert!(history_of(tasks[1]).await > 0, "other tasks keep theirs");
+    assert_eq!(history_of(tasks[0]).await, (0, 0), "history went with its task");
+    let (task_rows, step_rows) = history_of(tasks[1]).await;
+    assert!(task_rows > 0 && step_rows > 0, "other tasks keep theirs");
     assert_invariants(&pool).await;
 
-    // Rows naming no task, or no step, are refused.
+    // A task history row naming no task, and a step history row naming no
+    // step (of a task that exists), are refused.
     let ghost = Uuid::now_v7();
-    for insert in [
+    let refused = sqlx::query(
         "INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
          VALUES ($1, NULL, 'pending', 'test', 'test')",
+    )
+    .bind(ghost)
+    .execute(&pool)
+    .await
+    .expect_err("task history naming no task");
+    assert_eq!(refused.as_database_error().unwrap().code().as_deref(), Some("23503"), "{refused}");
+    let refused = sqlx::query(
         "INSERT INTO tasker.workflow_step_transitions
              (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
-         VALUES ($1, $1, 0, 'pending', 'enqueued', 'test', 'test')",
-    ] {
-        let refused = sqlx::query(insert).bind(ghost).execute(&pool).await.expect_err("a dangling history row");
-        assert_eq!(refused.as_database_error().unwrap().code().as_deref(), Some("23503"), "{refused}");
+         VALUES ($1, $2, 0, 'pending', 'enqueued', 'test', 'test')",
+    )
+    .bind(ghost)
+    .bind(tasks[1])
+    .execute(&pool)
+    .await
+    .expect_err("step history naming no step");
+    assert_eq!(refused.as_database_error().unwrap().code().as_deref(), Some("23503"), "{refused}");
+}
+
+/// The guard triggers' edge lists (0017) are what `install_state_guards()`
+/// writes from the machine tables now: a migration that changed a table and
+/// did not reinstall the guards fails here.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn state_guards_list_the_machine_tables_edges(pool: PgPool) {
+    let definitions = || async {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger
+             WHERE tgname IN ('tasks_state_guard', 'workflow_steps_state_guard') ORDER BY tgname",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let installed = definitions().await;
+    assert_eq!(installed.len(), 2);
+    for (name, definition) in &installed {
+        // The first edge of each machine, in install_state_guards()' order.
+        let first_edge = if name == "tasks_state_guard" {
+            "(old.state <> 'blocked_by_failures'::text) OR (new.state <> 'cancelled'::text)"
+        } else {
+            "(old.state <> 'enqueued'::text) OR (new.state <> 'cancelled'::text)"
+        };
+        assert!(definition.contains(first_edge), "{name} lists the machine's edges: {definition}");
     }
+    sqlx::query("SELECT tasker.install_state_guards()").execute(&pool).await.unwrap();
+    assert_eq!(definitions().await, installed, "reinstalling from the tables changes nothing");
+
+    // And the check is live: an edge added to a table shows up on reinstall.
+    sqlx::query("INSERT INTO tasker.step_state_machine VALUES ('complete', 'reopen', 'pending')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT tasker.install_state_guards()").execute(&pool).await.unwrap();
+    assert_ne!(definitions().await, installed);
 }
 
 async fn force_state(conn: &mut sqlx::PgConnection, table: &str, key: &str, id: Uuid, state: &str) {
