@@ -1,5 +1,5 @@
--- bench-functions: :tasks four-step diamonds (a -> b, c -> d), started, so
--- their roots are enqueued. Replaces whatever an earlier run left.
+-- bench-functions: :tasks four-step diamonds (a before b and c, both before
+-- d), started, so their roots are enqueued. Replaces what an earlier run left.
 SET client_min_messages = warning;
 TRUNCATE tasker.tasks CASCADE;
 INSERT INTO tasker.namespaces VALUES ('bench') ON CONFLICT DO NOTHING;

@@ -144,3 +144,10 @@ pub async fn assert_invariants(pool: &PgPool) {
     let violations = tasker_shared::invariants::violations(pool).await.expect("invariants");
     assert!(violations.is_empty(), "invariants violated: {violations:#?}");
 }
+
+/// Asserts that a statement failed with SQLSTATE `code`.
+pub fn assert_refused<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, code: &str, what: &str) {
+    let err = result.expect_err(what);
+    let sqlstate = err.as_database_error().and_then(|db| db.code());
+    assert_eq!(sqlstate.as_deref(), Some(code), "{what}: {err}");
+}
