@@ -259,39 +259,6 @@ pub async fn claim_steps(
     Ok(claims)
 }
 
-/// After [`record_successes`](crate::step_result::record_successes) with
-/// [`Announce::ByNextHop`](crate::step_result::Announce::ByNextHop), in the
-/// same transaction: claims up to `limit` steps (0: none) as
-/// [`claim_steps`] does, then announces the dependents of `completed` that
-/// are still enqueued, so other workers are woken only for what this one
-/// leaves.
-pub async fn claim_next_hop(
-    executor: impl PgExecutor<'_>,
-    worker_id: &str,
-    namespace: Option<&Identifier>,
-    limit: i32,
-    lease: Duration,
-    completed: &[Uuid],
-) -> Result<Vec<StepClaim>> {
-    let claims = sqlx::query_as!(
-        StepClaim,
-        r#"SELECT step_uuid AS "step_uuid!", task_uuid AS "task_uuid!", namespace AS "namespace!",
-                  name AS "name!", handler AS "handler!", config AS "config!",
-                  attempt AS "attempt!", max_attempts AS "max_attempts!", timeout_ms AS "timeout_ms!",
-                  lease_expires_at AS "lease_expires_at!", task_context AS "task_context!",
-                  dependency_results AS "dependency_results!", enqueued_at, claimed_at AS "claimed_at!"
-           FROM tasker.claim_next_hop($1, $2, $3, $4, $5)"#,
-        worker_id,
-        namespace.map(Identifier::as_str),
-        limit,
-        lease as Duration,
-        completed,
-    )
-    .fetch_all(executor)
-    .await?;
-    Ok(claims)
-}
-
 /// Heartbeat: extends the leases of attempts this worker still owns. Returns
 /// the steps extended; an attempt missing from it was cancelled or rescued.
 pub async fn extend_step_leases(

@@ -56,34 +56,11 @@ pub struct Recorded {
     pub task_created_at: Option<DateTime<Utc>>,
 }
 
-/// Who announces the dependents a completion enqueues on their step channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Announce {
-    /// The completion itself.
-    Now,
-    /// The caller, later in the same transaction, with
-    /// [`claim::claim_next_hop`](crate::claim::claim_next_hop): then the
-    /// dependents it claims itself are not announced to other workers.
-    ByNextHop,
-}
-
-/// Records successful attempts (`tasker.complete_steps`), in one statement,
-/// announcing the dependents they enqueue.
+/// Records successful attempts (`tasker.complete_steps`), in one statement.
 pub async fn complete_steps(
     executor: impl PgExecutor<'_>,
     worker_id: &str,
     successes: &[Success],
-) -> Result<Vec<Recorded>> {
-    record_successes(executor, worker_id, successes, Announce::Now).await
-}
-
-/// Records successful attempts, in one statement; `announce` says who
-/// announces the dependents they enqueue.
-pub async fn record_successes(
-    executor: impl PgExecutor<'_>,
-    worker_id: &str,
-    successes: &[Success],
-    announce: Announce,
 ) -> Result<Vec<Recorded>> {
     let uuids: Vec<Uuid> = successes.iter().map(|s| s.attempt.step_uuid).collect();
     let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.attempt).collect();
@@ -91,12 +68,11 @@ pub async fn record_successes(
     let rows = sqlx::query!(
         r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", dependents_enqueued AS "dependents_enqueued!",
                   task_woken AS "task_woken!", task_finalized AS "task_finalized!", task_created_at
-           FROM tasker.complete_steps($1, $2, $3, $4, $5)"#,
+           FROM tasker.complete_steps($1, $2, $3, $4)"#,
         worker_id,
         &uuids,
         &attempts,
         &results,
-        announce == Announce::Now,
     )
     .fetch_all(executor)
     .await?;

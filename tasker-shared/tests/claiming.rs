@@ -14,7 +14,7 @@ use support::*;
 use tasker_shared::claim::{self, DiscoveredVia, Release};
 use tasker_shared::finalize;
 use tasker_shared::state_machine::{StepState, TaskState};
-use tasker_shared::step_result::{self, Announce, Failure, Success};
+use tasker_shared::step_result::{self, Failure, Success};
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
@@ -363,77 +363,6 @@ async fn a_last_completion_does_not_finalize_a_task_an_orchestrator_holds_but_wa
     assert_eq!(again.len(), 1);
     let f = finalize::claim_task_for_finalization(&pool, task, "other").await.unwrap();
     assert!(f.finalized, "{f:?}");
-}
-
-/// A worker that records results with `Announce::ByNextHop` and then calls
-/// `claim_next_hop` in the same transaction announces on the step channel
-/// only the dependents it leaves enqueued: none when it has room for all,
-/// one notification when it leaves some or has no room. Notifications reach a
-/// listener in commit order, so a marker sent after each transaction shows
-/// whether that transaction notified.
-#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
-async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPool) {
-    let t = template("hop", "fan", &[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["a"])]);
-    publish(&pool, &t).await;
-    let tasks = submit(&pool, &t, 3).await;
-    enqueue_pass(&pool, ORCH).await;
-    let roots = claim_steps(&pool, "w", 10).await;
-    assert_eq!(roots.len(), 3);
-
-    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
-    listener.listen("tasker_steps_hop").await.unwrap();
-    let mut announced = async || {
-        sqlx::query("SELECT pg_notify('tasker_steps_hop', 'marker')").execute(&pool).await.unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
-        if first.payload() == "marker" {
-            return false;
-        }
-        let marker = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
-        assert_eq!(marker.payload(), "marker", "at most one announcement per transaction");
-        true
-    };
-    let hop = async |task: Uuid, limit: i32| {
-        let root = roots.iter().find(|r| r.task_uuid == task).unwrap();
-        let mut tx = pool.begin().await.unwrap();
-        let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
-        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::ByNextHop).await.unwrap();
-        assert!(recorded[0].accepted && recorded[0].dependents_enqueued == 3, "{recorded:?}");
-        let claimed = claim::claim_next_hop(&mut *tx, "w", None, limit, LEASE, &[root.step_uuid]).await.unwrap();
-        tx.commit().await.unwrap();
-        claimed
-    };
-
-    let all = hop(tasks[0], 3).await;
-    let mut names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
-    names.sort_unstable();
-    assert_eq!(names, ["b", "c", "d"]);
-    assert!(all.iter().all(|c| c.task_uuid == tasks[0] && c.dependency_results == serde_json::json!({"a": "a"})));
-    assert!(!announced().await, "dependents the worker took itself are not announced");
-
-    let some = hop(tasks[1], 2).await;
-    assert_eq!(some.len(), 2);
-    assert!(announced().await, "the dependent the worker left is announced");
-
-    let none = hop(tasks[2], 0).await;
-    assert!(none.is_empty());
-    assert!(announced().await, "with no room, every dependent is announced");
-
-    let refused = claim::claim_next_hop(&pool, "w", None, -1, LEASE, &[]).await;
-    assert!(matches!(&refused, Err(tasker_shared::Error::InvalidInput(m)) if m.contains("limit")), "{refused:?}");
-
-    // What was announced is there for any worker; everything runs to the end.
-    let left = claim_steps(&pool, "other", 10).await;
-    assert_eq!(left.len(), 4, "one of the second task, three of the third");
-    for (worker, claims) in [("w", all.iter().chain(&some).collect::<Vec<_>>()), ("other", left.iter().collect())] {
-        let successes: Vec<Success> =
-            claims.iter().map(|c| Success { attempt: c.attempt_ref(), result: serde_json::json!(1) }).collect();
-        let recorded = step_result::complete_steps(&pool, worker, &successes).await.unwrap();
-        assert!(recorded.iter().all(|r| r.accepted), "{recorded:?}");
-    }
-    for task in &tasks {
-        assert_eq!(task_state(&pool, *task).await, TaskState::Complete);
-    }
-    assert_invariants(&pool).await;
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]

@@ -18,7 +18,7 @@ use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::state_machine::TaskState;
-use tasker_shared::step_result::{self, Announce, Failure, Recorded, Success};
+use tasker_shared::step_result::{self, Failure, Recorded, Success};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -145,10 +145,7 @@ struct Completed {
 /// steps in the same transaction, as far as the worker has free capacity. The
 /// claim goes through `claim_steps` like any other (priority order, SKIP
 /// LOCKED), so it may take other runnable work of the namespace instead; the
-/// dependents it leaves, and only those, are announced to other workers
-/// (`claim_next_hop`). With no free capacity at the start the completion
-/// announces what it enqueues itself and the transaction makes no further
-/// call: under load that saves a round trip on most completions.
+/// dependents' notification still goes out for whatever this worker leaves.
 async fn complete(
     pool: &PgPool,
     worker_id: &str,
@@ -156,23 +153,17 @@ async fn complete(
     continuation: &Continuation,
 ) -> tasker_shared::Result<Completed> {
     let mut tx = pool.begin().await?;
-    let announce = if continuation.has_room() { Announce::ByNextHop } else { Announce::Now };
-    let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce).await?;
+    let recorded = step_result::complete_steps(&mut *tx, worker_id, successes).await?;
     let enqueued: usize = recorded.iter().map(|r| usize::try_from(r.dependents_enqueued).unwrap_or(0)).sum();
     let reservation = if enqueued > 0 { continuation.reserve(enqueued) } else { None };
-    let limit = reservation.as_ref().map_or(0, |r| i32::try_from(r.capacity()).unwrap_or(i32::MAX));
-    let (namespace, lease) = (continuation.namespace(), continuation.lease());
-    let claimed = match announce {
-        _ if enqueued == 0 => Vec::new(),
-        Announce::ByNextHop => {
-            let completed: Vec<Uuid> = recorded.iter().filter(|r| r.accepted).map(|r| r.step_uuid).collect();
-            claim::claim_next_hop(&mut *tx, worker_id, namespace, limit, lease, &completed).await?
+    let claimed = match &reservation {
+        None => Vec::new(),
+        Some(reservation) => {
+            let limit = i32::try_from(reservation.capacity()).unwrap_or(i32::MAX);
+            // Found by the completion itself: as good as a notification.
+            let via = DiscoveredVia::Event;
+            claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease(), via).await?
         }
-        // Found by the completion itself: as good as a notification.
-        Announce::Now if limit > 0 => {
-            claim::claim_steps(&mut *tx, worker_id, namespace, limit, lease, DiscoveredVia::Event).await?
-        }
-        Announce::Now => Vec::new(),
     };
     tx.commit().await?;
     Ok(Completed { recorded, claimed, reservation })
