@@ -4,7 +4,11 @@ SET client_min_messages = warning;
 TRUNCATE tasker.tasks CASCADE;
 INSERT INTO tasker.namespaces VALUES ('bench') ON CONFLICT DO NOTHING;
 INSERT INTO tasker.task_templates (namespace, name, version, definition)
-SELECT 'bench', 'diamond', '1.0.0', '{"steps": [{"name": "a", "handler": "noop"}]}'
+SELECT 'bench', 'diamond', '1.0.0',
+       '{"steps": [{"name": "a", "handler": "noop"},
+                   {"name": "b", "handler": "noop", "depends_on": ["a"]},
+                   {"name": "c", "handler": "noop", "depends_on": ["a"]},
+                   {"name": "d", "handler": "noop", "depends_on": ["b", "c"]}]}'
 WHERE NOT EXISTS (SELECT 1 FROM tasker.task_templates);
 CREATE TEMP TABLE new_tasks AS
     SELECT gen_random_uuid() AS task_uuid, g FROM generate_series(1, :tasks) AS g;
