@@ -230,8 +230,8 @@ pub struct AttemptRef {
 }
 
 /// Claims up to `limit` enqueued steps of `namespace` (any namespace when
-/// `None`). Claims not made because of a notification are logged in
-/// `tasker.step_discoveries`, the record misses are checked against.
+/// `None`), in priority order. Claims not made because of a notification are
+/// logged in `tasker.step_discoveries`, the record misses are checked against.
 pub async fn claim_steps(
     executor: impl PgExecutor<'_>,
     worker_id: &str,
@@ -240,6 +240,34 @@ pub async fn claim_steps(
     lease: Duration,
     discovered_via: DiscoveredVia,
 ) -> Result<Vec<StepClaim>> {
+    claim(executor, worker_id, namespace, limit, lease, discovered_via, None).await
+}
+
+/// In the transaction whose completions enqueued `dependents`: claims up to
+/// `limit` of them, continuing their tasks, unless a step of higher priority
+/// waits in their namespace; then (or when none is left) it claims as
+/// [`claim_steps`] does.
+pub async fn claim_dependents(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    namespace: Option<&Identifier>,
+    limit: i32,
+    lease: Duration,
+    dependents: &[Uuid],
+) -> Result<Vec<StepClaim>> {
+    // Found by the completion itself: as good as a notification.
+    claim(executor, worker_id, namespace, limit, lease, DiscoveredVia::Event, Some(dependents)).await
+}
+
+async fn claim(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    namespace: Option<&Identifier>,
+    limit: i32,
+    lease: Duration,
+    discovered_via: DiscoveredVia,
+    prefer: Option<&[Uuid]>,
+) -> Result<Vec<StepClaim>> {
     let claims = sqlx::query_as!(
         StepClaim,
         r#"SELECT step_uuid AS "step_uuid!", task_uuid AS "task_uuid!", namespace AS "namespace!",
@@ -247,12 +275,13 @@ pub async fn claim_steps(
                   attempt AS "attempt!", max_attempts AS "max_attempts!", timeout_ms AS "timeout_ms!",
                   lease_expires_at AS "lease_expires_at!", task_context AS "task_context!",
                   dependency_results AS "dependency_results!", enqueued_at, claimed_at AS "claimed_at!"
-           FROM tasker.claim_steps($1, $2, $3, $4, $5)"#,
+           FROM tasker.claim_steps($1, $2, $3, $4, $5, $6)"#,
         worker_id,
         namespace.map(Identifier::as_str),
         limit,
         lease as Duration,
         discovered_via.as_str(),
+        prefer,
     )
     .fetch_all(executor)
     .await?;

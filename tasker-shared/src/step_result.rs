@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::claim::AttemptRef;
+use crate::claim::{AttemptRef, StepClaim};
 use crate::error::Result;
 use crate::state_machine::StepState;
 
@@ -37,7 +37,7 @@ pub struct Failure {
 }
 
 /// What the database made of a reported outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     /// The step.
     pub step_uuid: Uuid,
@@ -46,8 +46,9 @@ pub struct Recorded {
     /// The step's new state, when accepted.
     pub state: Option<StepState>,
     /// Dependents this completion made runnable and enqueued (in the same
-    /// transaction); 0 for failures.
-    pub dependents_enqueued: i32,
+    /// transaction; one with several parents in the call is credited to one
+    /// of them); none for failures.
+    pub enqueued_dependents: Vec<Uuid>,
     /// Whether its task was woken for its orchestrator by this call.
     pub task_woken: bool,
     /// Whether this call finalized its task (the last step completed).
@@ -56,23 +57,47 @@ pub struct Recorded {
     pub task_created_at: Option<DateTime<Utc>>,
 }
 
-/// Records successful attempts (`tasker.complete_steps`), in one statement.
+/// Who announces the dependents a completion enqueues on their step channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// The completion itself.
+    Now,
+    /// The caller, later in the same transaction, with [`announce_left`]
+    /// after its own claim: then the dependents it claims itself are not
+    /// announced to other workers.
+    Later,
+}
+
+/// Records successful attempts (`tasker.complete_steps`), in one statement,
+/// announcing the dependents they enqueue.
 pub async fn complete_steps(
     executor: impl PgExecutor<'_>,
     worker_id: &str,
     successes: &[Success],
 ) -> Result<Vec<Recorded>> {
+    record_successes(executor, worker_id, successes, Announce::Now).await
+}
+
+/// Records successful attempts, in one statement; `announce` says who
+/// announces the dependents they enqueue.
+pub async fn record_successes(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    successes: &[Success],
+    announce: Announce,
+) -> Result<Vec<Recorded>> {
     let uuids: Vec<Uuid> = successes.iter().map(|s| s.attempt.step_uuid).collect();
     let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.attempt).collect();
     let results: Vec<serde_json::Value> = successes.iter().map(|s| s.result.clone()).collect();
     let rows = sqlx::query!(
-        r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", dependents_enqueued AS "dependents_enqueued!",
+        r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", enqueued_dependents AS "enqueued_dependents!",
                   task_woken AS "task_woken!", task_finalized AS "task_finalized!", task_created_at
-           FROM tasker.complete_steps($1, $2, $3, $4)"#,
+           FROM tasker.complete_steps($1, $2, $3, $4, $5)"#,
         worker_id,
         &uuids,
         &attempts,
         &results,
+        announce == Announce::Now,
     )
     .fetch_all(executor)
     .await?;
@@ -82,12 +107,33 @@ pub async fn complete_steps(
             step_uuid: r.step_uuid,
             accepted: r.accepted,
             state: r.accepted.then_some(StepState::Complete),
-            dependents_enqueued: r.dependents_enqueued,
+            enqueued_dependents: r.enqueued_dependents,
             task_woken: r.task_woken,
             task_finalized: r.task_finalized,
             task_created_at: r.task_created_at,
         })
         .collect())
+}
+
+/// After [`record_successes`] with [`Announce::Later`] and the caller's own
+/// claim, in the same transaction: announces the dependents `recorded`
+/// enqueued that are not among `claimed`, on their namespaces' step channels.
+/// They were enqueued by this transaction, so no other one can have claimed
+/// them: these are exactly what the caller leaves for other workers. Makes no
+/// call when it took them all. Returns how many channels it notified.
+pub async fn announce_left(executor: impl PgExecutor<'_>, recorded: &[Recorded], claimed: &[StepClaim]) -> Result<u64> {
+    let left: Vec<Uuid> = recorded
+        .iter()
+        .flat_map(|r| &r.enqueued_dependents)
+        .filter(|step| !claimed.iter().any(|c| c.step_uuid == **step))
+        .copied()
+        .collect();
+    if left.is_empty() {
+        return Ok(0);
+    }
+    let channels =
+        sqlx::query_scalar!(r#"SELECT tasker.announce_enqueued($1) AS "channels!""#, &left).fetch_one(executor).await?;
+    Ok(u64::try_from(channels).unwrap_or(0))
 }
 
 /// Records failed attempts (`tasker.fail_steps`), in one statement.
@@ -113,7 +159,7 @@ pub async fn fail_steps(executor: impl PgExecutor<'_>, worker_id: &str, failures
             step_uuid: r.step_uuid,
             accepted: r.accepted,
             state: r.state,
-            dependents_enqueued: 0,
+            enqueued_dependents: Vec::new(),
             task_woken: r.accepted,
             task_finalized: false,
             task_created_at: None,

@@ -14,7 +14,7 @@ use support::*;
 use tasker_shared::claim::{self, DiscoveredVia, Release};
 use tasker_shared::finalize;
 use tasker_shared::state_machine::{StepState, TaskState};
-use tasker_shared::step_result::{self, Failure, Success};
+use tasker_shared::step_result::{self, Announce, Failure, Success};
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
@@ -283,7 +283,7 @@ async fn completions_enqueue_what_they_unblock_and_the_last_one_finalizes(pool: 
     )
     .await
     .unwrap();
-    assert_eq!(recorded[0].dependents_enqueued, 2, "x and y, in the completing transaction");
+    assert_eq!(recorded[0].enqueued_dependents.len(), 2, "x and y, in the completing transaction");
     assert!(!recorded[0].task_woken);
     let middle = claim_steps(&pool, "w", 10).await;
     assert_eq!(middle.len(), 2);
@@ -295,7 +295,7 @@ async fn completions_enqueue_what_they_unblock_and_the_last_one_finalizes(pool: 
     )
     .await
     .unwrap();
-    assert_eq!((first[0].dependents_enqueued, first[0].task_woken), (0, false), "its sibling still runs");
+    assert_eq!((first[0].enqueued_dependents.len(), first[0].task_woken), (0, false), "its sibling still runs");
     let second = step_result::complete_steps(
         &pool,
         "w",
@@ -304,7 +304,7 @@ async fn completions_enqueue_what_they_unblock_and_the_last_one_finalizes(pool: 
     .await
     .unwrap();
     assert_eq!(
-        (second[0].dependents_enqueued, second[0].task_woken),
+        (second[0].enqueued_dependents.len(), second[0].task_woken),
         (1, false),
         "`end` enqueued, nothing to wake for"
     );
@@ -363,6 +363,132 @@ async fn a_last_completion_does_not_finalize_a_task_an_orchestrator_holds_but_wa
     assert_eq!(again.len(), 1);
     let f = finalize::claim_task_for_finalization(&pool, task, "other").await.unwrap();
     assert!(f.finalized, "{f:?}");
+}
+
+/// A completion's own claim (`claim_dependents`) takes the dependents it just
+/// enqueued, though older work of the same priority waits, so it leaves
+/// nothing to announce; but a step of higher priority goes first, and the
+/// dependent left behind is announced.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(pool: PgPool) {
+    let t = template("cont", "chain", &[("a", &[]), ("b", &["a"])]);
+    publish(&pool, &t).await;
+    submit(&pool, &t, 3).await;
+    enqueue_pass(&pool, ORCH).await;
+    let roots = claim_steps(&pool, "w", 2).await;
+    assert_eq!(roots.len(), 2, "the third task's root stays enqueued: older work than any dependent");
+
+    let continue_with = async |root: &tasker_shared::claim::StepClaim| {
+        let mut tx = pool.begin().await.unwrap();
+        let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
+        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
+        let dependents = recorded[0].enqueued_dependents.clone();
+        assert_eq!(dependents.len(), 1, "{recorded:?}");
+        let claimed = claim::claim_dependents(&mut *tx, "w", None, 1, LEASE, &dependents).await.unwrap();
+        let announced = step_result::announce_left(&mut *tx, &recorded, &claimed).await.unwrap();
+        tx.commit().await.unwrap();
+        (claimed, announced)
+    };
+
+    let (claimed, announced) = continue_with(&roots[0]).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].task_uuid, claimed[0].name.as_str()), (roots[0].task_uuid, "b"), "its own dependent");
+    assert_eq!(announced, 0, "nothing left to announce");
+
+    let mut urgent = new_task(&t);
+    urgent.priority = 7;
+    let mut tx = pool.begin().await.unwrap();
+    let created =
+        tasker_shared::tasks::create_tasks(&mut tx, "test", &[urgent], tasker_shared::tasks::Start::ByOrchestrator)
+            .await
+            .unwrap();
+    tx.commit().await.unwrap();
+    enqueue_pass(&pool, ORCH).await;
+    let (claimed, announced) = continue_with(&roots[1]).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].task_uuid, claimed[0].name.as_str()), (created[0].task_uuid, "a"), "higher priority first");
+    assert_eq!(announced, 1, "the dependent left behind is announced");
+
+    let left = claim_steps(&pool, "other", 10).await;
+    let mut names: Vec<&str> = left.iter().map(|c| c.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["a", "b"], "the third task's root and the second's dependent");
+    assert_invariants(&pool).await;
+}
+
+/// A worker that records results with `Announce::Later`, claims, and then
+/// calls `announce_left` in the same transaction announces on the step
+/// channel only the dependents it leaves enqueued: none when it took them
+/// all, one notification when it leaves some or claimed nothing; and the
+/// count it is told is what was sent. Notifications reach a listener in
+/// commit order, so a marker sent after each transaction shows whether that
+/// transaction notified.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPool) {
+    let t = template("hop", "fan", &[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["a"])]);
+    publish(&pool, &t).await;
+    let tasks = submit(&pool, &t, 3).await;
+    enqueue_pass(&pool, ORCH).await;
+    let roots = claim_steps(&pool, "w", 10).await;
+    assert_eq!(roots.len(), 3);
+
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
+    listener.listen("tasker_steps_hop").await.unwrap();
+    let mut notifications_before_marker = async || {
+        sqlx::query("SELECT pg_notify('tasker_steps_hop', 'marker')").execute(&pool).await.unwrap();
+        let mut sent = 0;
+        loop {
+            let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
+            if notification.payload() == "marker" {
+                return sent;
+            }
+            sent += 1;
+        }
+    };
+    let hop = async |task: Uuid, limit: i32| {
+        let root = roots.iter().find(|r| r.task_uuid == task).unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
+        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
+        assert!(recorded[0].accepted && recorded[0].enqueued_dependents.len() == 3, "{recorded:?}");
+        let claimed = if limit > 0 {
+            claim::claim_steps(&mut *tx, "w", None, limit, LEASE, DiscoveredVia::Event).await.unwrap()
+        } else {
+            Vec::new()
+        };
+        let announced = step_result::announce_left(&mut *tx, &recorded, &claimed).await.unwrap();
+        tx.commit().await.unwrap();
+        (claimed, announced)
+    };
+
+    let (all, announced) = hop(tasks[0], 3).await;
+    let mut names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["b", "c", "d"]);
+    assert!(all.iter().all(|c| c.task_uuid == tasks[0] && c.dependency_results == serde_json::json!({"a": "a"})));
+    assert_eq!((announced, notifications_before_marker().await), (0, 0), "what the worker took is not announced");
+
+    let (some, announced) = hop(tasks[1], 2).await;
+    assert_eq!(some.len(), 2);
+    assert_eq!((announced, notifications_before_marker().await), (1, 1), "the dependent left is announced, once");
+
+    let (none, announced) = hop(tasks[2], 0).await;
+    assert!(none.is_empty());
+    assert_eq!((announced, notifications_before_marker().await), (1, 1), "with nothing claimed, every dependent is");
+
+    // What was announced is there for any worker; everything runs to the end.
+    let left = claim_steps(&pool, "other", 10).await;
+    assert_eq!(left.len(), 4, "one of the second task, three of the third");
+    for (worker, claims) in [("w", all.iter().chain(&some).collect::<Vec<_>>()), ("other", left.iter().collect())] {
+        let successes: Vec<Success> =
+            claims.iter().map(|c| Success { attempt: c.attempt_ref(), result: serde_json::json!(1) }).collect();
+        let recorded = step_result::complete_steps(&pool, worker, &successes).await.unwrap();
+        assert!(recorded.iter().all(|r| r.accepted), "{recorded:?}");
+    }
+    for task in &tasks {
+        assert_eq!(task_state(&pool, *task).await, TaskState::Complete);
+    }
+    assert_invariants(&pool).await;
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]

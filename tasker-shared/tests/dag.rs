@@ -84,7 +84,7 @@ async fn a_diamond_runs_a_then_b_and_c_together_then_d(pool: PgPool) {
     )
     .await
     .unwrap();
-    assert_eq!(recorded[0].dependents_enqueued, 1);
+    assert_eq!(recorded[0].enqueued_dependents.len(), 1);
     assert_eq!(states(pool.clone()).await, [Complete, Complete, Complete, Enqueued]);
     let d = claim_steps(&pool, "w", 10).await;
     assert_eq!(d[0].dependency_results, serde_json::json!({"b": "b", "c": "c"}));

@@ -13,12 +13,12 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use sqlx::PgPool;
-use tasker_shared::claim::{self, AttemptRef, DiscoveredVia, StepClaim};
+use tasker_shared::claim::{self, AttemptRef, StepClaim};
 use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::state_machine::TaskState;
-use tasker_shared::step_result::{self, Failure, Recorded, Success};
+use tasker_shared::step_result::{self, Announce, Failure, Recorded, Success};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -69,10 +69,12 @@ pub async fn run(
         let started = std::time::Instant::now();
         let (successes, failures) = split(&batch);
         let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
+        let mut announced_left = None;
         if !successes.is_empty() {
             let written = with_retry(successes.len(), || complete(&pool, &worker_id, &successes, &continuation)).await;
             if let Some(written) = written {
                 recorded.extend(written.recorded);
+                announced_left = written.announced_left;
                 if let Some(reservation) = written.reservation {
                     continuation.start(written.claimed, reservation).await;
                 }
@@ -82,7 +84,7 @@ pub async fn run(
             let written = with_retry(failures.len(), || step_result::fail_steps(&pool, &worker_id, &failures)).await;
             recorded.extend(written.into_iter().flatten());
         }
-        account(&batch, &recorded, &stats).await;
+        account(&batch, &recorded, announced_left, &stats).await;
         metrics::add_processing_time(started.elapsed());
         for outcome in batch.drain(..) {
             inflight.remove(&outcome.attempt);
@@ -139,13 +141,18 @@ struct Completed {
     claimed: Vec<StepClaim>,
     /// The capacity claimed for (any left over is given back when started).
     reservation: Option<Reservation>,
+    /// Step channels the worker notified for the dependents it left enqueued;
+    /// `None` when the completion announced everything it enqueued itself.
+    announced_left: Option<u64>,
 }
 
 /// Records successes; if they enqueued dependents, claims up to that many
-/// steps in the same transaction, as far as the worker has free capacity. The
-/// claim goes through `claim_steps` like any other (priority order, SKIP
-/// LOCKED), so it may take other runnable work of the namespace instead; the
-/// dependents' notification still goes out for whatever this worker leaves.
+/// steps in the same transaction, as far as the worker has free capacity:
+/// those dependents, continuing their tasks, unless a step of higher priority
+/// waits (`claim_dependents`). The dependents it leaves, and only those, are
+/// announced to other workers (`announce_left`: no call when it took them
+/// all). With no free capacity at the start the completion announces what it
+/// enqueues itself and the transaction makes no further call.
 async fn complete(
     pool: &PgPool,
     worker_id: &str,
@@ -153,24 +160,35 @@ async fn complete(
     continuation: &Continuation,
 ) -> tasker_shared::Result<Completed> {
     let mut tx = pool.begin().await?;
-    let recorded = step_result::complete_steps(&mut *tx, worker_id, successes).await?;
-    let enqueued: usize = recorded.iter().map(|r| usize::try_from(r.dependents_enqueued).unwrap_or(0)).sum();
+    let announce = if continuation.has_room() { Announce::Later } else { Announce::Now };
+    let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce).await?;
+    let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
     let reservation = if enqueued > 0 { continuation.reserve(enqueued) } else { None };
     let claimed = match &reservation {
         None => Vec::new(),
         Some(reservation) => {
             let limit = i32::try_from(reservation.capacity()).unwrap_or(i32::MAX);
-            // Found by the completion itself: as good as a notification.
-            let via = DiscoveredVia::Event;
-            claim::claim_steps(&mut *tx, worker_id, continuation.namespace(), limit, continuation.lease(), via).await?
+            let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
+            let (namespace, lease) = (continuation.namespace(), continuation.lease());
+            claim::claim_dependents(&mut *tx, worker_id, namespace, limit, lease, &dependents).await?
         }
     };
+    let announced_left = match announce {
+        Announce::Now => None,
+        Announce::Later => Some(step_result::announce_left(&mut *tx, &recorded, &claimed).await?),
+    };
     tx.commit().await?;
-    Ok(Completed { recorded, claimed, reservation })
+    Ok(Completed { recorded, claimed, reservation, announced_left })
 }
 
-/// Metrics, statistics and logs for a recorded batch.
-async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatisticsCollector) {
+/// Metrics, statistics and logs for a recorded batch; `announced_left` as in
+/// [`Completed`].
+async fn account(
+    batch: &[Outcome],
+    recorded: &[Recorded],
+    announced_left: Option<u64>,
+    stats: &SampledStatisticsCollector,
+) {
     let accepted: HashSet<Uuid> = recorded.iter().filter(|r| r.accepted).map(|r| r.step_uuid).collect();
     let mut woken = HashSet::new();
     let mut finalized = HashMap::new();
@@ -202,17 +220,25 @@ async fn account(batch: &[Outcome], recorded: &[Recorded], stats: &SampledStatis
             }
         }
     }
-    let mut namespaces: Vec<&str> = batch
-        .iter()
-        .filter(|o| recorded.iter().any(|r| r.step_uuid == o.attempt.step_uuid && r.dependents_enqueued > 0))
-        .map(|o| o.namespace.as_str())
-        .collect();
-    namespaces.sort_unstable();
-    namespaces.dedup();
-    let enqueued: i32 = recorded.iter().map(|r| r.dependents_enqueued).sum();
+    let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
     if enqueued > 0 {
-        metrics::counter_by(names::STEPS_ENQUEUED, u64::try_from(enqueued).unwrap_or(0));
-        metrics::notifications_sent("steps", namespaces.len() as u64);
+        metrics::counter_by(names::STEPS_ENQUEUED, enqueued as u64);
+        // The completion itself notifies each namespace it enqueued in.
+        let announced = announced_left.unwrap_or_else(|| {
+            let mut namespaces: Vec<&str> = batch
+                .iter()
+                .filter(|o| {
+                    recorded.iter().any(|r| r.step_uuid == o.attempt.step_uuid && !r.enqueued_dependents.is_empty())
+                })
+                .map(|o| o.namespace.as_str())
+                .collect();
+            namespaces.sort_unstable();
+            namespaces.dedup();
+            namespaces.len() as u64
+        });
+        if announced > 0 {
+            metrics::notifications_sent("steps", announced);
+        }
     }
     for created_at in finalized.values() {
         metrics::counter_with(names::TASKS_FINALIZED, "state", TaskState::Complete.as_str());

@@ -138,6 +138,12 @@ impl Continuation {
         (!permits.is_empty()).then(|| Reservation { permits, outcomes, context: self.context.clone() })
     }
 
+    /// Whether any capacity is free at this moment (and shutdown has not
+    /// begun): a hint, since the claim loop may take it the next moment.
+    pub fn has_room(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.permits.available_permits() > 0
+    }
+
     /// The namespace this worker claims from (`None`: every namespace).
     pub fn namespace(&self) -> Option<&Identifier> {
         self.namespace.as_ref()
