@@ -6,7 +6,8 @@
 //! A completion that makes dependents runnable also claims, in its own
 //! transaction, as much of that work as the worker has room for, and starts
 //! it at once: along a chain of steps, the next step begins without a claim
-//! transaction or a notification round trip of its own.
+//! transaction or a notification round trip of its own, and other workers are
+//! notified only of the dependents it leaves.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
