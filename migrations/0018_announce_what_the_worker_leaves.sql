@@ -14,7 +14,8 @@
 -- caller and returns, per completed step, the dependents it enqueued. The
 -- caller claims what it has room for with claim_steps(..., p_prefer =>
 -- those dependents), which takes them unless a step of higher priority
--- waits, and then passes the dependents its claim did not take to
+-- waits and fills the rest of its limit as before, and then passes the
+-- dependents its claim did not take to
 -- announce_enqueued(), which NOTIFYs their namespaces' step channels and
 -- returns how many it notified (the worker counts what it sent). They were
 -- enqueued by this transaction, so no other one can have claimed them: what
@@ -271,41 +272,50 @@ BEGIN
             USING ERRCODE = '22023';
     END IF;
 
-    -- p_prefer: the dependents the caller's transaction just enqueued. Its
-    -- claim takes them, continuing their tasks, unless a step of higher
-    -- priority waits in their namespace (one probe of the claimable index).
+    -- p_prefer: the dependents the caller's transaction just enqueued (its
+    -- own row locks). Its claim takes them, continuing their tasks, unless a
+    -- step of higher priority that it did not enqueue waits where this
+    -- worker claims from. Each is looked up by key; the guard reads, per
+    -- dependent, only enqueued steps of higher priority (usually none).
     IF p_prefer IS NOT NULL THEN
         SELECT array_agg(c.step_uuid) INTO candidates FROM (
-            SELECT s.step_uuid FROM tasker.workflow_steps s
-            WHERE s.step_uuid = ANY (p_prefer) AND s.state = 'enqueued'
-              AND (p_namespace IS NULL OR s.namespace = p_namespace)
-              AND NOT EXISTS (SELECT 1 FROM tasker.workflow_steps o
-                              WHERE o.state = 'enqueued' AND o.namespace = s.namespace
-                                AND o.priority > s.priority)
+            SELECT s.step_uuid
+            FROM unnest(p_prefer) AS d(step_uuid)
+            CROSS JOIN LATERAL (SELECT w.step_uuid, w.namespace, w.priority, w.enqueued_at
+                                FROM tasker.workflow_steps w
+                                WHERE w.step_uuid = d.step_uuid AND w.state = 'enqueued'
+                                  AND w.namespace = coalesce(p_namespace, w.namespace)
+                                FOR NO KEY UPDATE SKIP LOCKED) AS s
+            WHERE (SELECT 1 FROM tasker.workflow_steps o
+                   WHERE o.state = 'enqueued' AND o.priority > s.priority
+                     AND o.namespace = coalesce(p_namespace, o.namespace)
+                     AND NOT o.step_uuid = ANY (p_prefer)
+                   LIMIT 1) IS NULL
             ORDER BY s.priority DESC, s.enqueued_at
-            LIMIT p_limit
-            FOR NO KEY UPDATE SKIP LOCKED) c;
+            LIMIT p_limit) c;
     END IF;
 
-    -- Otherwise, in priority order; two spellings so each can use the
-    -- claimable index as well as it allows.
-    IF candidates IS NULL AND p_namespace IS NULL THEN
-        SELECT array_agg(c.step_uuid) INTO candidates FROM (
+    -- The rest of the limit in priority order, as always; two spellings so
+    -- each can use the claimable index as well as it allows. (SKIP LOCKED
+    -- does not skip the rows this transaction locked: exclude those taken.)
+    IF coalesce(cardinality(candidates), 0) < p_limit AND p_namespace IS NULL THEN
+        candidates := coalesce(candidates, '{}') || ARRAY(
             SELECT s.step_uuid FROM tasker.workflow_steps s
-            WHERE s.state = 'enqueued'
+            WHERE s.state = 'enqueued' AND NOT s.step_uuid = ANY (coalesce(candidates, '{}'))
             ORDER BY s.priority DESC, s.enqueued_at
-            LIMIT p_limit
-            FOR NO KEY UPDATE SKIP LOCKED) c;
-    ELSIF candidates IS NULL THEN
-        SELECT array_agg(c.step_uuid) INTO candidates FROM (
+            LIMIT p_limit - coalesce(cardinality(candidates), 0)
+            FOR NO KEY UPDATE SKIP LOCKED);
+    ELSIF coalesce(cardinality(candidates), 0) < p_limit THEN
+        candidates := coalesce(candidates, '{}') || ARRAY(
             SELECT s.step_uuid FROM tasker.workflow_steps s
             WHERE s.state = 'enqueued' AND s.namespace = p_namespace
+              AND NOT s.step_uuid = ANY (coalesce(candidates, '{}'))
             ORDER BY s.priority DESC, s.enqueued_at
-            LIMIT p_limit
-            FOR NO KEY UPDATE SKIP LOCKED) c;
+            LIMIT p_limit - coalesce(cardinality(candidates), 0)
+            FOR NO KEY UPDATE SKIP LOCKED);
     END IF;
 
-    IF candidates IS NULL THEN
+    IF cardinality(candidates) = 0 THEN
         RETURN;
     END IF;
 
@@ -349,9 +359,10 @@ DECLARE
     channels integer;
 BEGIN
     PERFORM pg_notify(tasker.step_channel(n.namespace), '')
-    FROM (SELECT DISTINCT s.namespace
-          FROM tasker.workflow_steps s
-          WHERE s.step_uuid = ANY (p_steps) AND s.state = 'enqueued') AS n;
+    FROM (SELECT DISTINCT (SELECT s.namespace FROM tasker.workflow_steps s
+                           WHERE s.step_uuid = d.step_uuid AND s.state = 'enqueued') AS namespace
+          FROM unnest(p_steps) AS d(step_uuid)) AS n
+    WHERE n.namespace IS NOT NULL;
     GET DIAGNOSTICS channels = ROW_COUNT;
     RETURN channels;
 END
@@ -383,4 +394,6 @@ ALTER FUNCTION tasker.complete_steps(text, uuid[], integer[], jsonb[], boolean)
 ALTER FUNCTION tasker.announce_enqueued(uuid[])
     SET plan_cache_mode = force_generic_plan SET enable_seqscan = off;
 ALTER FUNCTION tasker.claim_steps(text, text, integer, interval, text, uuid[])
+    SET plan_cache_mode = force_generic_plan SET enable_seqscan = off;
+ALTER FUNCTION tasker.complete_steps(text, uuid[], integer[], jsonb[])
     SET plan_cache_mode = force_generic_plan SET enable_seqscan = off;

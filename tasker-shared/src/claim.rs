@@ -245,8 +245,8 @@ pub async fn claim_steps(
 
 /// In the transaction whose completions enqueued `dependents`: claims up to
 /// `limit` of them, continuing their tasks, unless a step of higher priority
-/// waits in their namespace; then (or when none is left) it claims as
-/// [`claim_steps`] does.
+/// (not among them) waits where this worker claims from, and fills the rest
+/// of `limit` as [`claim_steps`] does.
 pub async fn claim_dependents(
     executor: impl PgExecutor<'_>,
     worker_id: &str,

@@ -378,19 +378,19 @@ async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(
     let roots = claim_steps(&pool, "w", 2).await;
     assert_eq!(roots.len(), 2, "the third task's root stays enqueued: older work than any dependent");
 
-    let continue_with = async |root: &tasker_shared::claim::StepClaim| {
+    let continue_with = async |root: &tasker_shared::claim::StepClaim, limit: i32| {
         let mut tx = pool.begin().await.unwrap();
         let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
         let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
         let dependents = recorded[0].enqueued_dependents.clone();
         assert_eq!(dependents.len(), 1, "{recorded:?}");
-        let claimed = claim::claim_dependents(&mut *tx, "w", None, 1, LEASE, &dependents).await.unwrap();
+        let claimed = claim::claim_dependents(&mut *tx, "w", None, limit, LEASE, &dependents).await.unwrap();
         let announced = step_result::announce_left(&mut *tx, &recorded, &claimed).await.unwrap();
         tx.commit().await.unwrap();
         (claimed, announced)
     };
 
-    let (claimed, announced) = continue_with(&roots[0]).await;
+    let (claimed, announced) = continue_with(&roots[0], 1).await;
     assert_eq!(claimed.len(), 1);
     assert_eq!((claimed[0].task_uuid, claimed[0].name.as_str()), (roots[0].task_uuid, "b"), "its own dependent");
     assert_eq!(announced, 0, "nothing left to announce");
@@ -404,15 +404,18 @@ async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(
             .unwrap();
     tx.commit().await.unwrap();
     enqueue_pass(&pool, ORCH).await;
-    let (claimed, announced) = continue_with(&roots[1]).await;
-    assert_eq!(claimed.len(), 1);
-    assert_eq!((claimed[0].task_uuid, claimed[0].name.as_str()), (created[0].task_uuid, "a"), "higher priority first");
+    // Room for two: the urgent root, then the rest in the usual order (the
+    // third task's root is older than the dependent just enqueued).
+    let (claimed, announced) = continue_with(&roots[1], 2).await;
+    let got: Vec<(Uuid, &str)> = claimed.iter().map(|c| (c.task_uuid, c.name.as_str())).collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.contains(&(created[0].task_uuid, "a")), "higher priority first: {got:?}");
+    assert!(got.iter().all(|&(_, name)| name == "a"), "then the oldest, not the dependent: {got:?}");
     assert_eq!(announced, 1, "the dependent left behind is announced");
 
     let left = claim_steps(&pool, "other", 10).await;
-    let mut names: Vec<&str> = left.iter().map(|c| c.name.as_str()).collect();
-    names.sort_unstable();
-    assert_eq!(names, ["a", "b"], "the third task's root and the second's dependent");
+    let left: Vec<(Uuid, &str)> = left.iter().map(|c| (c.task_uuid, c.name.as_str())).collect();
+    assert_eq!(left, [(roots[1].task_uuid, "b")], "only the second task's dependent is left");
     assert_invariants(&pool).await;
 }
 
@@ -451,8 +454,9 @@ async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPo
         let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
         let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
         assert!(recorded[0].accepted && recorded[0].enqueued_dependents.len() == 3, "{recorded:?}");
+        let dependents = recorded[0].enqueued_dependents.clone();
         let claimed = if limit > 0 {
-            claim::claim_steps(&mut *tx, "w", None, limit, LEASE, DiscoveredVia::Event).await.unwrap()
+            claim::claim_dependents(&mut *tx, "w", None, limit, LEASE, &dependents).await.unwrap()
         } else {
             Vec::new()
         };

@@ -153,7 +153,8 @@ struct Completed {
 /// waits (`claim_dependents`). The dependents it leaves, and only those, are
 /// announced to other workers (`announce_left`: no call when it took them
 /// all). With no free capacity at the start the completion announces what it
-/// enqueues itself and the transaction makes no further call.
+/// enqueues itself, and there is no announcement call (a claim still follows
+/// if capacity freed meanwhile).
 async fn complete(
     pool: &PgPool,
     worker_id: &str,
