@@ -191,9 +191,6 @@ pub struct StepClaim {
     pub max_attempts: i32,
     /// How long the attempt may run.
     pub timeout_ms: i32,
-    /// How many steps depend on this one: at most this many are enqueued
-    /// when it completes (the capacity its completion may claim for).
-    pub dependents: i32,
     /// When the lease runs out unless extended.
     pub lease_expires_at: DateTime<Utc>,
     /// The task's context, as submitted.
@@ -243,19 +240,48 @@ pub async fn claim_steps(
     lease: Duration,
     discovered_via: DiscoveredVia,
 ) -> Result<Vec<StepClaim>> {
+    claim(executor, worker_id, namespace, limit, lease, discovered_via, None).await
+}
+
+/// In the transaction whose completions enqueued `dependents`: claims up to
+/// `limit` of them, continuing their tasks, unless a step of higher priority
+/// (not among them) waits where this worker claims from, and fills the rest
+/// of `limit` as [`claim_steps`] does.
+pub async fn claim_dependents(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    namespace: Option<&Identifier>,
+    limit: i32,
+    lease: Duration,
+    dependents: &[Uuid],
+) -> Result<Vec<StepClaim>> {
+    // Found by the completion itself: as good as a notification.
+    claim(executor, worker_id, namespace, limit, lease, DiscoveredVia::Event, Some(dependents)).await
+}
+
+async fn claim(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    namespace: Option<&Identifier>,
+    limit: i32,
+    lease: Duration,
+    discovered_via: DiscoveredVia,
+    prefer: Option<&[Uuid]>,
+) -> Result<Vec<StepClaim>> {
     let claims = sqlx::query_as!(
         StepClaim,
         r#"SELECT step_uuid AS "step_uuid!", task_uuid AS "task_uuid!", namespace AS "namespace!",
                   name AS "name!", handler AS "handler!", config AS "config!",
                   attempt AS "attempt!", max_attempts AS "max_attempts!", timeout_ms AS "timeout_ms!",
-                  dependents AS "dependents!", lease_expires_at AS "lease_expires_at!", task_context AS "task_context!",
+                  lease_expires_at AS "lease_expires_at!", task_context AS "task_context!",
                   dependency_results AS "dependency_results!", enqueued_at, claimed_at AS "claimed_at!"
-           FROM tasker.claim_steps($1, $2, $3, $4, $5)"#,
+           FROM tasker.claim_steps($1, $2, $3, $4, $5, $6)"#,
         worker_id,
         namespace.map(Identifier::as_str),
         limit,
         lease as Duration,
         discovered_via.as_str(),
+        prefer,
     )
     .fetch_all(executor)
     .await?;

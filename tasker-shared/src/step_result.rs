@@ -8,15 +8,12 @@
 //! whose last step it was; an outcome that leaves work for the orchestrator
 //! (a failure, a task it may not finalize) wakes the task.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::claim::{AttemptRef, StepClaim};
 use crate::error::Result;
-use crate::identifier::Identifier;
 use crate::state_machine::StepState;
 
 /// A successful attempt and its result.
@@ -60,6 +57,17 @@ pub struct Recorded {
     pub task_created_at: Option<DateTime<Utc>>,
 }
 
+/// Who announces the dependents a completion enqueues on their step channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// The completion itself.
+    Now,
+    /// The caller, later in the same transaction, with [`announce_left`]
+    /// after its own claim: then the dependents it claims itself are not
+    /// announced to other workers.
+    Later,
+}
+
 /// Records successful attempts (`tasker.complete_steps`), in one statement,
 /// announcing the dependents they enqueue.
 pub async fn complete_steps(
@@ -67,190 +75,65 @@ pub async fn complete_steps(
     worker_id: &str,
     successes: &[Success],
 ) -> Result<Vec<Recorded>> {
-    let (uuids, attempts, results) = columns(successes);
+    record_successes(executor, worker_id, successes, Announce::Now).await
+}
+
+/// Records successful attempts, in one statement; `announce` says who
+/// announces the dependents they enqueue.
+pub async fn record_successes(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    successes: &[Success],
+    announce: Announce,
+) -> Result<Vec<Recorded>> {
+    let uuids: Vec<Uuid> = successes.iter().map(|s| s.attempt.step_uuid).collect();
+    let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.attempt).collect();
+    let results: Vec<serde_json::Value> = successes.iter().map(|s| s.result.clone()).collect();
     let rows = sqlx::query!(
         r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", enqueued_dependents AS "enqueued_dependents!",
                   task_woken AS "task_woken!", task_finalized AS "task_finalized!", task_created_at
-           FROM tasker.complete_steps($1, $2, $3, $4, true)"#,
+           FROM tasker.complete_steps($1, $2, $3, $4, $5)"#,
         worker_id,
         &uuids,
         &attempts,
         &results,
+        announce == Announce::Now,
     )
     .fetch_all(executor)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| {
-            Recorded::completion(
-                r.step_uuid,
-                r.accepted,
-                r.enqueued_dependents,
-                r.task_woken,
-                r.task_finalized,
-                r.task_created_at,
-            )
+        .map(|r| Recorded {
+            step_uuid: r.step_uuid,
+            accepted: r.accepted,
+            state: r.accepted.then_some(StepState::Complete),
+            enqueued_dependents: r.enqueued_dependents,
+            task_woken: r.task_woken,
+            task_finalized: r.task_finalized,
+            task_created_at: r.task_created_at,
         })
         .collect())
 }
 
-/// What [`complete_and_claim`] did, in one statement.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Continued {
-    /// One per success, in no particular order.
-    pub recorded: Vec<Recorded>,
-    /// Steps claimed for the caller: dependents the completions enqueued
-    /// (unless a step of higher priority waited), then the oldest work.
-    pub claimed: Vec<StepClaim>,
-    /// Step channels notified of the dependents it left enqueued.
-    pub channels_notified: u64,
-}
-
-/// Records successful attempts and claims, for a worker with `room` free
-/// capacity, what they made runnable (`tasker.complete_and_claim`): one
-/// statement, so one round trip, committed on its own.
-///
-/// It claims up to as many steps as the completions enqueued, and no more
-/// than `room`: the dependents they enqueued, continuing their tasks, unless
-/// a step of higher priority waits where this worker claims from, and then
-/// the oldest work. It notifies other workers only of the dependents it
-/// leaves. `room` must be capacity the caller has reserved, since what is
-/// claimed is the caller's to run; with `room` 0 nothing is claimed and
-/// every enqueued dependent is announced.
-pub async fn complete_and_claim(
-    executor: impl PgExecutor<'_>,
-    worker_id: &str,
-    successes: &[Success],
-    namespace: Option<&Identifier>,
-    room: i32,
-    lease: Duration,
-) -> Result<Continued> {
-    let (uuids, attempts, results) = columns(successes);
-    let rows = sqlx::query_as!(
-        ContinuedRow,
-        r#"SELECT claimed AS "claimed!", step_uuid AS "step_uuid!", accepted, enqueued_dependents, task_woken,
-                  task_finalized, task_created_at, channels_notified, task_uuid, namespace, name, handler,
-                  config, attempt, max_attempts, timeout_ms, dependents, lease_expires_at, task_context,
-                  dependency_results, enqueued_at, claimed_at
-           FROM tasker.complete_and_claim($1, $2, $3, $4, $5, $6, $7)"#,
-        worker_id,
-        &uuids,
-        &attempts,
-        &results,
-        namespace.map(Identifier::as_str),
-        room,
-        lease as Duration,
-    )
-    .fetch_all(executor)
-    .await?;
-
-    let mut continued = Continued { recorded: Vec::new(), claimed: Vec::new(), channels_notified: 0 };
-    for row in rows {
-        let step_uuid = row.step_uuid;
-        let incomplete =
-            || sqlx::Error::Protocol(format!("complete_and_claim returned an incomplete row for step {step_uuid}"));
-        if row.claimed {
-            continued.claimed.push(row.into_claim().ok_or_else(incomplete)?);
-        } else {
-            let (recorded, channels) = row.into_completion().ok_or_else(incomplete)?;
-            continued.recorded.push(recorded);
-            continued.channels_notified = channels;
-        }
+/// After [`record_successes`] with [`Announce::Later`] and the caller's own
+/// claim, in the same transaction: announces the dependents `recorded`
+/// enqueued that are not among `claimed`, on their namespaces' step channels.
+/// They were enqueued by this transaction, so no other one can have claimed
+/// them: these are exactly what the caller leaves for other workers. Makes no
+/// call when it took them all. Returns how many channels it notified.
+pub async fn announce_left(executor: impl PgExecutor<'_>, recorded: &[Recorded], claimed: &[StepClaim]) -> Result<u64> {
+    let left: Vec<Uuid> = recorded
+        .iter()
+        .flat_map(|r| &r.enqueued_dependents)
+        .filter(|step| !claimed.iter().any(|c| c.step_uuid == **step))
+        .copied()
+        .collect();
+    if left.is_empty() {
+        return Ok(0);
     }
-    Ok(continued)
-}
-
-/// A row of `tasker.complete_and_claim`: a completed step (`claimed` false)
-/// or a claimed one, each with its own columns set.
-struct ContinuedRow {
-    claimed: bool,
-    step_uuid: Uuid,
-    accepted: Option<bool>,
-    enqueued_dependents: Option<Vec<Uuid>>,
-    task_woken: Option<bool>,
-    task_finalized: Option<bool>,
-    task_created_at: Option<DateTime<Utc>>,
-    channels_notified: Option<i32>,
-    task_uuid: Option<Uuid>,
-    namespace: Option<String>,
-    name: Option<String>,
-    handler: Option<String>,
-    config: Option<serde_json::Value>,
-    attempt: Option<i32>,
-    max_attempts: Option<i32>,
-    timeout_ms: Option<i32>,
-    dependents: Option<i32>,
-    lease_expires_at: Option<DateTime<Utc>>,
-    task_context: Option<serde_json::Value>,
-    dependency_results: Option<serde_json::Value>,
-    enqueued_at: Option<DateTime<Utc>>,
-    claimed_at: Option<DateTime<Utc>>,
-}
-
-impl ContinuedRow {
-    /// A completed step, and the channels its statement notified.
-    fn into_completion(self) -> Option<(Recorded, u64)> {
-        let recorded = Recorded::completion(
-            self.step_uuid,
-            self.accepted?,
-            self.enqueued_dependents?,
-            self.task_woken?,
-            self.task_finalized?,
-            self.task_created_at,
-        );
-        Some((recorded, u64::try_from(self.channels_notified?).ok()?))
-    }
-
-    /// A claimed step.
-    fn into_claim(self) -> Option<StepClaim> {
-        Some(StepClaim {
-            step_uuid: self.step_uuid,
-            task_uuid: self.task_uuid?,
-            namespace: self.namespace?,
-            name: self.name?,
-            handler: self.handler?,
-            config: self.config?,
-            attempt: self.attempt?,
-            max_attempts: self.max_attempts?,
-            timeout_ms: self.timeout_ms?,
-            dependents: self.dependents?,
-            lease_expires_at: self.lease_expires_at?,
-            task_context: self.task_context?,
-            dependency_results: self.dependency_results?,
-            enqueued_at: self.enqueued_at,
-            claimed_at: self.claimed_at?,
-        })
-    }
-}
-
-/// The columns `complete_steps` takes.
-fn columns(successes: &[Success]) -> (Vec<Uuid>, Vec<i32>, Vec<serde_json::Value>) {
-    let uuids = successes.iter().map(|s| s.attempt.step_uuid).collect();
-    let attempts = successes.iter().map(|s| s.attempt.attempt).collect();
-    let results = successes.iter().map(|s| s.result.clone()).collect();
-    (uuids, attempts, results)
-}
-
-impl Recorded {
-    /// A completion as `complete_steps` reports it.
-    fn completion(
-        step_uuid: Uuid,
-        accepted: bool,
-        enqueued_dependents: Vec<Uuid>,
-        task_woken: bool,
-        task_finalized: bool,
-        task_created_at: Option<DateTime<Utc>>,
-    ) -> Self {
-        Recorded {
-            step_uuid,
-            accepted,
-            state: accepted.then_some(StepState::Complete),
-            enqueued_dependents,
-            task_woken,
-            task_finalized,
-            task_created_at,
-        }
-    }
+    let channels =
+        sqlx::query_scalar!(r#"SELECT tasker.announce_enqueued($1) AS "channels!""#, &left).fetch_one(executor).await?;
+    Ok(u64::try_from(channels).unwrap_or(0))
 }
 
 /// Records failed attempts (`tasker.fail_steps`), in one statement.

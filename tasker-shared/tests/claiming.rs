@@ -14,7 +14,7 @@ use support::*;
 use tasker_shared::claim::{self, DiscoveredVia, Release};
 use tasker_shared::finalize;
 use tasker_shared::state_machine::{StepState, TaskState};
-use tasker_shared::step_result::{self, Failure, Success};
+use tasker_shared::step_result::{self, Announce, Failure, Success};
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
@@ -365,34 +365,34 @@ async fn a_last_completion_does_not_finalize_a_task_an_orchestrator_holds_but_wa
     assert!(f.finalized, "{f:?}");
 }
 
-/// A completion's own claim (`complete_and_claim`) takes the dependents it
-/// just enqueued, though older work of the same priority waits, so it leaves
-/// nothing to announce; but a step of higher priority goes first, the rest
-/// of its room goes to the oldest work, and the dependents left behind are
-/// announced.
+/// A completion's own claim (`claim_dependents`) takes the dependents it just
+/// enqueued, though older work of the same priority waits, so it leaves
+/// nothing to announce; but a step of higher priority goes first, and the
+/// dependent left behind is announced.
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(pool: PgPool) {
     let t = template("cont", "chain", &[("a", &[]), ("b", &["a"])]);
     publish(&pool, &t).await;
-    submit(&pool, &t, 4).await;
+    submit(&pool, &t, 3).await;
     enqueue_pass(&pool, ORCH).await;
-    let roots = claim_steps(&pool, "w", 3).await;
-    assert_eq!(roots.len(), 3, "the fourth task's root stays enqueued: older work than any dependent");
-    assert!(roots.iter().all(|r| r.dependents == 1), "a claim tells how many steps depend on it: {roots:?}");
+    let roots = claim_steps(&pool, "w", 2).await;
+    assert_eq!(roots.len(), 2, "the third task's root stays enqueued: older work than any dependent");
 
-    let continue_with = async |roots: &[&tasker_shared::claim::StepClaim], room: i32| {
-        let successes: Vec<Success> =
-            roots.iter().map(|r| Success { attempt: r.attempt_ref(), result: serde_json::json!("a") }).collect();
-        let continued = step_result::complete_and_claim(&pool, "w", &successes, None, room, LEASE).await.unwrap();
-        let enqueued: usize = continued.recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
-        assert_eq!(enqueued, roots.len(), "{continued:?}");
-        (continued.claimed, continued.channels_notified)
+    let continue_with = async |root: &tasker_shared::claim::StepClaim, limit: i32| {
+        let mut tx = pool.begin().await.unwrap();
+        let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
+        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
+        let dependents = recorded[0].enqueued_dependents.clone();
+        assert_eq!(dependents.len(), 1, "{recorded:?}");
+        let claimed = claim::claim_dependents(&mut *tx, "w", None, limit, LEASE, &dependents).await.unwrap();
+        let announced = step_result::announce_left(&mut *tx, &recorded, &claimed).await.unwrap();
+        tx.commit().await.unwrap();
+        (claimed, announced)
     };
 
-    let (claimed, announced) = continue_with(&[&roots[0]], 1).await;
+    let (claimed, announced) = continue_with(&roots[0], 1).await;
     assert_eq!(claimed.len(), 1);
     assert_eq!((claimed[0].task_uuid, claimed[0].name.as_str()), (roots[0].task_uuid, "b"), "its own dependent");
-    assert_eq!(claimed[0].dependents, 0, "the end of the chain");
     assert_eq!(announced, 0, "nothing left to announce");
 
     let mut urgent = new_task(&t);
@@ -404,29 +404,28 @@ async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(
             .unwrap();
     tx.commit().await.unwrap();
     enqueue_pass(&pool, ORCH).await;
-    // Two dependents enqueued and room for two: the urgent root, then the
-    // oldest work (the fourth task's root, older than the dependents).
-    let (claimed, announced) = continue_with(&[&roots[1], &roots[2]], 2).await;
+    // Room for two: the urgent root, then the rest in the usual order (the
+    // third task's root is older than the dependent just enqueued).
+    let (claimed, announced) = continue_with(&roots[1], 2).await;
     let got: Vec<(Uuid, &str)> = claimed.iter().map(|c| (c.task_uuid, c.name.as_str())).collect();
     assert_eq!(got.len(), 2, "{got:?}");
     assert!(got.contains(&(created[0].task_uuid, "a")), "higher priority first: {got:?}");
-    assert!(got.iter().all(|&(_, name)| name == "a"), "then the oldest, not a dependent: {got:?}");
-    assert_eq!(announced, 1, "the dependents left behind are announced, on their one channel");
+    assert!(got.iter().all(|&(_, name)| name == "a"), "then the oldest, not the dependent: {got:?}");
+    assert_eq!(announced, 1, "the dependent left behind is announced");
 
     let left = claim_steps(&pool, "other", 10).await;
-    let mut left: Vec<(Uuid, &str)> = left.iter().map(|c| (c.task_uuid, c.name.as_str())).collect();
-    left.sort_unstable();
-    let mut expected = vec![(roots[1].task_uuid, "b"), (roots[2].task_uuid, "b")];
-    expected.sort_unstable();
-    assert_eq!(left, expected, "only the dependents of the second call are left");
+    let left: Vec<(Uuid, &str)> = left.iter().map(|c| (c.task_uuid, c.name.as_str())).collect();
+    assert_eq!(left, [(roots[1].task_uuid, "b")], "only the second task's dependent is left");
     assert_invariants(&pool).await;
 }
 
-/// `complete_and_claim` announces on the step channel only the dependents
-/// it leaves enqueued: none when it took them all, one notification when it
-/// leaves some or has no room; and the count it returns is what was sent.
-/// Notifications reach a listener in commit order, so a marker sent after
-/// each call shows whether that call notified.
+/// A worker that records results with `Announce::Later`, claims, and then
+/// calls `announce_left` in the same transaction announces on the step
+/// channel only the dependents it leaves enqueued: none when it took them
+/// all, one notification when it leaves some or claimed nothing; and the
+/// count it is told is what was sent. Notifications reach a listener in
+/// commit order, so a marker sent after each transaction shows whether that
+/// transaction notified.
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPool) {
     let t = template("hop", "fan", &[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["a"])]);
@@ -449,13 +448,21 @@ async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPo
             sent += 1;
         }
     };
-    let hop = async |task: Uuid, room: i32| {
+    let hop = async |task: Uuid, limit: i32| {
         let root = roots.iter().find(|r| r.task_uuid == task).unwrap();
+        let mut tx = pool.begin().await.unwrap();
         let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
-        let continued = step_result::complete_and_claim(&pool, "w", &[success], None, room, LEASE).await.unwrap();
-        let recorded = &continued.recorded;
+        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
         assert!(recorded[0].accepted && recorded[0].enqueued_dependents.len() == 3, "{recorded:?}");
-        (continued.claimed, continued.channels_notified)
+        let dependents = recorded[0].enqueued_dependents.clone();
+        let claimed = if limit > 0 {
+            claim::claim_dependents(&mut *tx, "w", None, limit, LEASE, &dependents).await.unwrap()
+        } else {
+            Vec::new()
+        };
+        let announced = step_result::announce_left(&mut *tx, &recorded, &claimed).await.unwrap();
+        tx.commit().await.unwrap();
+        (claimed, announced)
     };
 
     let (all, announced) = hop(tasks[0], 3).await;
@@ -471,7 +478,7 @@ async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPo
 
     let (none, announced) = hop(tasks[2], 0).await;
     assert!(none.is_empty());
-    assert_eq!((announced, notifications_before_marker().await), (1, 1), "with no room, every dependent is");
+    assert_eq!((announced, notifications_before_marker().await), (1, 1), "with nothing claimed, every dependent is");
 
     // What was announced is there for any worker; everything runs to the end.
     let left = claim_steps(&pool, "other", 10).await;

@@ -1,12 +1,11 @@
 //! Records attempt outcomes in batches: whatever finished since the last
-//! write goes in one `complete_and_claim` and one `fail_steps` call, each a
-//! single statement committed on its own. Under load this turns many
-//! completions into few transactions; when idle, a single outcome is written
-//! at once (no artificial delay).
+//! write goes in one `complete_steps` and one `fail_steps` call. Under load
+//! this turns many completions into few transactions; when idle, a single
+//! outcome is written at once (no artificial delay).
 //!
-//! A completion that makes dependents runnable also claims, in the same
-//! statement, as much of that work as the worker has room for, and starts it
-//! at once: along a chain of steps, the next step begins without a claim
+//! A completion that makes dependents runnable also claims, in its own
+//! transaction, as much of that work as the worker has room for, and starts
+//! it at once: along a chain of steps, the next step begins without a claim
 //! transaction or a notification round trip of its own, and other workers are
 //! notified only of the dependents it leaves.
 
@@ -15,12 +14,12 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use sqlx::PgPool;
-use tasker_shared::claim::AttemptRef;
+use tasker_shared::claim::{self, AttemptRef, StepClaim};
 use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::state_machine::TaskState;
-use tasker_shared::step_result::{self, Continued, Failure, Recorded, Success};
+use tasker_shared::step_result::{self, Announce, Failure, Recorded, Success};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -40,9 +39,8 @@ pub struct Outcome {
     pub task_uuid: Uuid,
     /// Its handler (a metric label).
     pub handler: String,
-    /// How many steps depend on its step (at most this many are enqueued
-    /// when it completes).
-    pub dependents: usize,
+    /// Its namespace (whose step channel its dependents are announced on).
+    pub namespace: String,
     /// What the handler returned.
     pub result: StepResult,
     /// How long the handler ran.
@@ -71,18 +69,15 @@ pub async fn run(
         }
         let started = std::time::Instant::now();
         let (successes, failures) = split(&batch);
-        let dependents = batch.iter().filter(|o| o.result.is_ok()).map(|o| o.dependents).sum();
         let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
-        let mut channels_notified = 0;
+        let mut announced_left = None;
         if !successes.is_empty() {
-            let written =
-                with_retry(successes.len(), || complete(&pool, &worker_id, &successes, dependents, &continuation))
-                    .await;
+            let written = with_retry(successes.len(), || complete(&pool, &worker_id, &successes, &continuation)).await;
             if let Some(written) = written {
-                recorded.extend(written.continued.recorded);
-                channels_notified = written.continued.channels_notified;
+                recorded.extend(written.recorded);
+                announced_left = written.announced_left;
                 if let Some(reservation) = written.reservation {
-                    continuation.start(written.continued.claimed, reservation).await;
+                    continuation.start(written.claimed, reservation).await;
                 }
             }
         }
@@ -90,7 +85,7 @@ pub async fn run(
             let written = with_retry(failures.len(), || step_result::fail_steps(&pool, &worker_id, &failures)).await;
             recorded.extend(written.into_iter().flatten());
         }
-        account(&batch, &recorded, channels_notified, &stats).await;
+        account(&batch, &recorded, announced_left, &stats).await;
         metrics::add_processing_time(started.elapsed());
         for outcome in batch.drain(..) {
             inflight.remove(&outcome.attempt);
@@ -143,33 +138,59 @@ where
 
 /// A committed batch of successes, and the work claimed with it.
 struct Completed {
-    continued: Continued,
+    recorded: Vec<Recorded>,
+    claimed: Vec<StepClaim>,
     /// The capacity claimed for (any left over is given back when started).
     reservation: Option<Reservation>,
+    /// Step channels the worker notified for the dependents it left enqueued;
+    /// `None` when the completion announced everything it enqueued itself.
+    announced_left: Option<u64>,
 }
 
-/// Records successes and claims what they made runnable, as far as the
-/// worker has free capacity, in one statement (`complete_and_claim`). The
-/// capacity is reserved first, up to `dependents`, how many steps depend on
-/// the completed ones: a batch that cannot enqueue anything reserves none,
-/// and leaves every permit to the claim loop.
+/// Records successes; if they enqueued dependents, claims up to that many
+/// steps in the same transaction, as far as the worker has free capacity:
+/// those dependents, continuing their tasks, unless a step of higher priority
+/// waits (`claim_dependents`). The dependents it leaves, and only those, are
+/// announced to other workers (`announce_left`: no call when it took them
+/// all). With no free capacity at the start the completion announces what it
+/// enqueues itself, and there is no announcement call (a claim still follows
+/// if capacity freed meanwhile).
 async fn complete(
     pool: &PgPool,
     worker_id: &str,
     successes: &[Success],
-    dependents: usize,
     continuation: &Continuation,
 ) -> tasker_shared::Result<Completed> {
-    let reservation = if dependents > 0 { continuation.reserve(dependents) } else { None };
-    let room = reservation.as_ref().map_or(0, |r| i32::try_from(r.capacity()).unwrap_or(i32::MAX));
-    let (namespace, lease) = (continuation.namespace(), continuation.lease());
-    let continued = step_result::complete_and_claim(pool, worker_id, successes, namespace, room, lease).await?;
-    Ok(Completed { continued, reservation })
+    let mut tx = pool.begin().await?;
+    let announce = if continuation.has_room() { Announce::Later } else { Announce::Now };
+    let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce).await?;
+    let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
+    let reservation = if enqueued > 0 { continuation.reserve(enqueued) } else { None };
+    let claimed = match &reservation {
+        None => Vec::new(),
+        Some(reservation) => {
+            let limit = i32::try_from(reservation.capacity()).unwrap_or(i32::MAX);
+            let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
+            let (namespace, lease) = (continuation.namespace(), continuation.lease());
+            claim::claim_dependents(&mut *tx, worker_id, namespace, limit, lease, &dependents).await?
+        }
+    };
+    let announced_left = match announce {
+        Announce::Now => None,
+        Announce::Later => Some(step_result::announce_left(&mut *tx, &recorded, &claimed).await?),
+    };
+    tx.commit().await?;
+    Ok(Completed { recorded, claimed, reservation, announced_left })
 }
 
-/// Metrics, statistics and logs for a recorded batch, which notified
-/// `channels_notified` step channels of the dependents it left enqueued.
-async fn account(batch: &[Outcome], recorded: &[Recorded], channels_notified: u64, stats: &SampledStatisticsCollector) {
+/// Metrics, statistics and logs for a recorded batch; `announced_left` as in
+/// [`Completed`].
+async fn account(
+    batch: &[Outcome],
+    recorded: &[Recorded],
+    announced_left: Option<u64>,
+    stats: &SampledStatisticsCollector,
+) {
     let accepted: HashSet<Uuid> = recorded.iter().filter(|r| r.accepted).map(|r| r.step_uuid).collect();
     let mut woken = HashSet::new();
     let mut finalized = HashMap::new();
@@ -204,9 +225,22 @@ async fn account(batch: &[Outcome], recorded: &[Recorded], channels_notified: u6
     let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
     if enqueued > 0 {
         metrics::counter_by(names::STEPS_ENQUEUED, enqueued as u64);
-    }
-    if channels_notified > 0 {
-        metrics::notifications_sent("steps", channels_notified);
+        // The completion itself notifies each namespace it enqueued in.
+        let announced = announced_left.unwrap_or_else(|| {
+            let mut namespaces: Vec<&str> = batch
+                .iter()
+                .filter(|o| {
+                    recorded.iter().any(|r| r.step_uuid == o.attempt.step_uuid && !r.enqueued_dependents.is_empty())
+                })
+                .map(|o| o.namespace.as_str())
+                .collect();
+            namespaces.sort_unstable();
+            namespaces.dedup();
+            namespaces.len() as u64
+        });
+        if announced > 0 {
+            metrics::notifications_sent("steps", announced);
+        }
     }
     for created_at in finalized.values() {
         metrics::counter_with(names::TASKS_FINALIZED, "state", TaskState::Complete.as_str());

@@ -138,6 +138,12 @@ impl Continuation {
         (!permits.is_empty()).then(|| Reservation { permits, outcomes, context: self.context.clone() })
     }
 
+    /// Whether any capacity is free at this moment (and shutdown has not
+    /// begun): a hint, since the claim loop may take it the next moment.
+    pub fn has_room(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.permits.available_permits() > 0
+    }
+
     /// The namespace this worker claims from (`None`: every namespace).
     pub fn namespace(&self) -> Option<&Identifier> {
         self.namespace.as_ref()
@@ -389,7 +395,7 @@ async fn run_attempt(claim: StepClaim, shared: &Shared) {
         attempt,
         task_uuid: claim.task_uuid,
         handler: claim.handler,
-        dependents: usize::try_from(claim.dependents).unwrap_or(0),
+        namespace: claim.namespace,
         result,
         elapsed,
     };
