@@ -8,8 +8,8 @@
 -- update one row, that parsing was 3.7% of the server's CPU time (`perf`,
 -- stringToNode under ExecBRUpdateTriggersNew). The clause now compares
 -- 'from>to' against one constant array of the machine's edges (about 2 kB
--- stored); PostgreSQL hashes an array of this size, so the per-row check
--- stays a lookup. What a guard allows and rejects is unchanged: the same
+-- stored); the per-row check compares about ten short strings. What a
+-- guard allows and rejects is unchanged: the same
 -- edges, from the same tables, and the same TK001 error from guard_state()
 -- for a transition it rejects.
 

@@ -6,13 +6,19 @@
 -- 'enqueued'` is the predicate of the claimable indexes, so a generic plan
 -- made while the tables were nearly empty could (and did) walk a claimable
 -- index, filtering on the key, for every preferred step instead of probing
--- the primary key: the test hot_statements_planned_on_empty_tables_still_
--- read_by_key, run through the worker's continuation path, fetched 1,760
--- more step rows for 16 diamonds than the plain path, about the whole
--- enqueued set per preferred step. With a backlog of enqueued work that is
--- the backlog per step continued. As in 0015 for the other hot statements,
--- the probe now names only the key and the state is checked on the row it
--- returns.
+-- the primary key. Run through the worker's continuation path, the test
+--   hot_statements_planned_on_empty_tables_still_read_by_key
+-- fetched 1,760 more step rows for 16 diamonds than the plain path, about
+-- the whole enqueued set per preferred step; with a backlog of enqueued
+-- work that is the backlog per step continued. As in 0015 for the other hot
+-- statements, the probe now names only the key and the state is checked on
+-- the row it returns.
+--
+-- The probe locks each preferred row before its state is checked, so
+-- p_prefer must hold only steps the caller's transaction enqueued (and so
+-- already locked), as it always has: a step of another worker's passed
+-- there would stay locked, and its completion wait, until this
+-- transaction ends.
 
 CREATE OR REPLACE FUNCTION tasker.claim_steps(
     p_worker_id      text,
