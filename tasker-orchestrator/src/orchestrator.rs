@@ -47,6 +47,11 @@ pub struct Orchestrator {
 /// as hints; the read catches the rest (abandoned claims, lost hints).
 const ARM_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The shortest wait the timer is armed for from the database: a task found
+/// due but left unclaimed is looked at again this soon, not at once, so that a
+/// row another transaction holds a little longer makes no busy loop.
+const DUE_AGAIN: Duration = Duration::from_millis(5);
+
 /// What a pass over one batch found out.
 #[derive(Debug, Default)]
 struct PassOutcome {
@@ -107,7 +112,9 @@ impl Orchestrator {
     }
 
     /// Claims and processes batches until no due task is left, then arms the
-    /// timer for the next known due time.
+    /// timer for the next known due time. Once the timer fired it always
+    /// reads that time from the database: the timer holds one time, the
+    /// earliest, so the retries that fall due after it are known only there.
     async fn drain(&self, via: DiscoveredVia) -> tasker_shared::Result<()> {
         loop {
             let iteration = Instant::now();
@@ -136,27 +143,43 @@ impl Orchestrator {
                 break;
             }
         }
-        self.arm_timer().await
+        self.arm_timer(self.discovery.timer_fired()).await
     }
 
-    /// Sets the discovery timer to the earliest future due time in the
-    /// database: a scheduled retry, or a claim that may be abandoned. This is
-    /// what lets EventDrivenOnly run retries without polling.
-    async fn arm_timer(&self) -> tasker_shared::Result<()> {
+    /// Sets the discovery timer to the earliest due time in the database
+    /// (as `due_tasks` defines due): a scheduled retry, a claim that may be
+    /// abandoned, or a task already due that the last claim did not take (it
+    /// fell due since, or another transaction held its row; the timer then
+    /// fires after [`DUE_AGAIN`]).
+    /// This is what lets EventDrivenOnly run retries without polling. At most
+    /// once per [`ARM_INTERVAL`] unless `now` (the timer fired: see `drain`).
+    /// The wait is measured on the database's clock, so clock skew between
+    /// hosts does not move it.
+    async fn arm_timer(&self, now: bool) -> tasker_shared::Result<()> {
         {
             let mut armed_at = self.armed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if armed_at.is_some_and(|at| at.elapsed() < ARM_INTERVAL) {
+            if !now && armed_at.is_some_and(|at| at.elapsed() < ARM_INTERVAL) {
                 return Ok(());
             }
             *armed_at = Some(Instant::now());
         }
-        let next = sqlx::query_scalar!(
-            "SELECT min(ready_at) FROM tasker.tasks WHERE ready_at > now() AND ready_at IS NOT NULL"
+        // A task another orchestrator holds falls due when that claim expires
+        // (a wake-up during the claim moves ready_at, not the claim).
+        let wait_ms = sqlx::query_scalar!(
+            "SELECT (extract(epoch FROM min(CASE WHEN claim_expires_at > now() THEN claim_expires_at
+                                                ELSE ready_at END) - now()) * 1000)::float8
+             FROM tasker.tasks WHERE ready_at IS NOT NULL"
         )
         .fetch_one(&self.pool)
         .await?;
-        if let Some(at) = next {
-            self.schedule_at(at).await;
+        if let Some(wait_ms) = wait_ms {
+            let wait = if wait_ms > 0.0 {
+                Duration::try_from_secs_f64(wait_ms.min(86_400_000.0) / 1000.0).unwrap_or(DUE_AGAIN)
+            } else {
+                DUE_AGAIN
+            };
+            tracing::debug!(wait_ms, after_timer = now, "timer armed from the database");
+            self.discovery.schedule(tokio::time::Instant::now() + wait).await;
         }
         Ok(())
     }
@@ -337,9 +360,16 @@ fn reason(event: TaskEvent) -> &'static str {
 /// Tells every listening orchestrator when known future work falls due, so
 /// their timers cover a retry even if this process stops.
 async fn announce_due(tx: &mut sqlx::PgConnection, at: DateTime<Utc>) -> tasker_shared::Result<()> {
-    let payload = format!("due:{}", at.timestamp_millis());
+    // Rounded up: a hint a fraction of a millisecond early wakes its
+    // listeners before the task is due, for a claim that finds nothing.
+    let payload = format!("due:{}", due_hint_millis(at));
     sqlx::query!("SELECT pg_notify(tasker.task_channel(), $1)", payload).execute(&mut *tx).await?;
     Ok(())
+}
+
+/// `at` in Unix milliseconds, rounded up: never before `at`.
+fn due_hint_millis(at: DateTime<Utc>) -> i64 {
+    (at.timestamp_micros() + 999).div_euclid(1000)
 }
 
 /// How many step channels `enqueue_ready_steps` notified: one per namespace.
@@ -348,4 +378,17 @@ fn notified_namespaces(enqueued: &[orchestration::EnqueuedStep]) -> usize {
     namespaces.sort_unstable();
     namespaces.dedup();
     namespaces.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_hints_are_never_early() {
+        let exact = DateTime::from_timestamp_micros(1_700_000_000_123_000).unwrap();
+        assert_eq!(due_hint_millis(exact), 1_700_000_000_123);
+        let within = DateTime::from_timestamp_micros(1_700_000_000_123_001).unwrap();
+        assert_eq!(due_hint_millis(within), 1_700_000_000_124);
+    }
 }

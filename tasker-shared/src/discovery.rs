@@ -115,6 +115,8 @@ impl Signals {
 struct Timer {
     at: Mutex<Option<Instant>>,
     rearm: Notify,
+    /// Set when a time was reached; see [`Discovery::timer_fired`].
+    fired: AtomicBool,
 }
 
 /// A running discovery loop. Dropping it does not stop it: cancel the token
@@ -190,6 +192,14 @@ impl Discovery {
         }
     }
 
+    /// Whether the timer reached a time since the last call. The timer holds
+    /// only the earliest known time, so once it fired the consumer must find
+    /// the next one itself (however the wake-up was attributed: a timer that
+    /// fires together with a notification wakes the consumer as an event).
+    pub fn timer_fired(&self) -> bool {
+        self.timer.fired.swap(false, Ordering::AcqRel)
+    }
+
     /// Whether the LISTEN connection is up (always false in PollingOnly mode).
     pub fn listener_connected(&self) -> bool {
         self.listener_connected.load(Ordering::Acquire)
@@ -237,6 +247,7 @@ async fn run_timer(discovery: Discovery) {
                     *earliest = None;
                 }
                 drop(earliest);
+                discovery.timer.fired.store(true, Ordering::Release);
                 discovery.signals.raise(TIMER);
             }
             () = &mut rearmed => {}
@@ -506,9 +517,8 @@ mod tests {
         assert!(slow.next_delay() >= Duration::from_secs(3), "never shorter than the first step");
     }
 
-    #[tokio::test]
-    async fn a_scheduled_time_wakes_the_consumer_by_timer() {
-        let shutdown = CancellationToken::new();
+    /// A discovery with only its timer running.
+    fn timer_only(shutdown: &CancellationToken) -> Discovery {
         let discovery = Discovery {
             signals: Arc::new(Signals::default()),
             timer: Arc::new(Timer::default()),
@@ -517,10 +527,33 @@ mod tests {
             shutdown: shutdown.clone(),
         };
         tokio::spawn(run_timer(discovery.clone()));
+        discovery
+    }
+
+    #[tokio::test]
+    async fn a_scheduled_time_wakes_the_consumer_by_timer() {
+        let shutdown = CancellationToken::new();
+        let discovery = timer_only(&shutdown);
         discovery.schedule(Instant::now() + Duration::from_millis(20)).await;
         let woke = tokio::time::timeout(Duration::from_secs(5), discovery.next()).await;
         assert_eq!(woke.expect("woken before the deadline"), Some(DiscoveredVia::Timer));
+        assert!(discovery.timer_fired(), "the time was reached");
+        assert!(!discovery.timer_fired(), "and is reported once");
         shutdown.cancel();
         assert_eq!(discovery.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_timer_that_fires_with_a_notification_is_still_reported() {
+        let shutdown = CancellationToken::new();
+        let discovery = timer_only(&shutdown);
+        discovery.schedule(Instant::now() + Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        discovery.wake(DiscoveredVia::Event);
+        // Coalesced, the wake-up is attributed to the event ...
+        assert_eq!(discovery.next().await, Some(DiscoveredVia::Event));
+        // ... and the consumer still learns that the timer's time is spent.
+        assert!(discovery.timer_fired());
+        shutdown.cancel();
     }
 }

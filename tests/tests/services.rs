@@ -186,6 +186,53 @@ async fn event_driven_only_retries_a_failing_step_with_backoff_and_no_polling() 
     db.drop_database().await.unwrap();
 }
 
+/// Retries of many tasks fall due at different times (jittered backoff), and
+/// an orchestrator's timer holds only the earliest: each time it fires, the
+/// next due time must be armed again, or the later retries wait for a wake-up
+/// that EventDrivenOnly never gets. (They waited forever before the timer
+/// re-armed from the database after every timer wake-up, since that read was
+/// limited to once a second.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_driven_only_runs_retries_falling_due_at_different_times() {
+    let db = TestDatabase::create("retries").await.unwrap();
+    let mut deployment = Deployment::start(
+        &db,
+        &[ServiceSpec::orchestrator("orch-1", "EventDrivenOnly"), ServiceSpec::worker("worker-1", "EventDrivenOnly")],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    // First retry after 100-200 ms, each task's own draw.
+    let template = templates::single(
+        "retries",
+        "flaky",
+        "fail",
+        json!({"fail_times": 1}),
+        json!({"max_attempts": 2, "backoff_ms": 200}),
+    );
+    api.publish_template(&template).await.unwrap();
+    let tasks = submit_many(&api, "retries", "flaky", 30).await.unwrap();
+
+    wait_until("every task is final", Duration::from_secs(20), || async { db.final_tasks().await == 30 }).await;
+    let states = db.task_states().await;
+    assert_eq!(states.get("complete"), Some(&30), "{states:?}");
+    let due_times: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT date_trunc('milliseconds', created_at)) FROM tasker.workflow_step_transitions
+         WHERE from_state = 'waiting_for_retry' AND to_state = 'enqueued'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(due_times > 1, "the retries fell due at different times ({due_times} distinct)");
+    assert_eq!(tasks.len(), 30);
+    let polled = deployment.metric_sum("orch", "tasker_tasks_discovered_total", &[("via", "poll")]).await;
+    assert_eq!(polled, 0.0, "nothing was polled");
+    assert_each_attempt_ran_once(&db, &deployment).await;
+    db.assert_invariants().await;
+    deployment.stop_all().await;
+    db.drop_database().await.unwrap();
+}
+
 /// A worker stops mid-step (SIGSTOP: alive but silent, so it cannot release
 /// anything). Its lease expires, the rescuer fails the attempt, another worker
 /// runs attempt 2 and the task completes. When the first worker resumes, its
