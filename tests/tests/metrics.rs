@@ -4,8 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tasker_tests::{Deployment, ServiceSpec, TestDatabase, submit_many, templates, wait_until};
@@ -117,6 +119,89 @@ async fn metrics_pass_promtool_are_documented_and_carry_no_ids() {
         s.name == "tasker_discovery_lag_seconds_bucket"
             && s.labels.iter().any(|(k, v)| k == "channel_kind" && v == "steps")
     }));
+    deployment.stop_all().await;
+    db.drop_database().await.unwrap();
+}
+
+/// Every NOTIFY a service says it caused (`tasker_notifications_sent_total`,
+/// by channel kind) is one a listener receives, and the other way round.
+/// PostgreSQL delivers one message per channel per committed transaction
+/// (the payload is always empty), so the services must count transactions
+/// that notified, not steps or namespaces they touched. Both of a
+/// completion's ways to announce run: with free capacity the worker claims
+/// dependents and announces only what it leaves; without (often, on the
+/// worker with room for one attempt), the completion announces what it
+/// enqueues. Failures wake tasks for the orchestrator (the task channel),
+/// whose retries announce steps again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_counted_are_the_notifications_delivered() {
+    let db = TestDatabase::create("notify_count").await.unwrap();
+    let namespace = "counted";
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    let step_channel = format!("tasker_steps_{namespace}");
+    listener.listen_all(["tasker_tasks", step_channel.as_str()]).await.unwrap();
+    let received = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+    let counting = {
+        let received = Arc::clone(&received);
+        tokio::spawn(async move {
+            while let Ok(notification) = listener.recv().await {
+                *received.lock().unwrap().entry(notification.channel().to_owned()).or_default() += 1;
+            }
+        })
+    };
+
+    let mut deployment = Deployment::start(
+        &db,
+        &[
+            ServiceSpec::orchestrator("orch-1", "EventDrivenOnly"),
+            ServiceSpec::worker("worker-narrow", "EventDrivenOnly").with("WORKER_CONCURRENCY", "1"),
+            ServiceSpec::worker("worker-wide", "EventDrivenOnly"),
+        ],
+    )
+    .await
+    .unwrap();
+    let api = deployment.api();
+    api.publish_template(&templates::diamond(namespace)).await.unwrap();
+    api.publish_template(&templates::chain(namespace)).await.unwrap();
+    let flaky = templates::single(
+        namespace,
+        "flaky",
+        "fail",
+        serde_json::json!({"fail_times": 1}),
+        serde_json::json!({"backoff_ms": 10}),
+    );
+    api.publish_template(&flaky).await.unwrap();
+    let mut submitted = 0;
+    for round in 0..4 {
+        submitted += submit_many(&api, namespace, "diamond", 40).await.unwrap().len();
+        submitted += submit_many(&api, namespace, "chain", 20).await.unwrap().len();
+        submitted += submit_many(&api, namespace, "flaky", 5).await.unwrap().len();
+        // Some rounds land on idle workers, some on busy ones.
+        tokio::time::sleep(Duration::from_millis(100 * round)).await;
+    }
+    let submitted = i64::try_from(submitted).unwrap();
+    wait_until("all tasks final", Duration::from_secs(60), || async { db.final_tasks().await == submitted }).await;
+
+    // Counters and deliveries settle: read both until two reads agree.
+    let mut last = None;
+    let counts = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut sent = Vec::new();
+        for kind in ["steps", "tasks"] {
+            sent.push(deployment.metric_sum("", "tasker_notifications_sent_total", &[("channel_kind", kind)]).await);
+        }
+        let got = received.lock().unwrap().clone();
+        let now = (sent, got.get(&step_channel).copied().unwrap_or(0), got.get("tasker_tasks").copied().unwrap_or(0));
+        if last.as_ref() == Some(&now) {
+            break now;
+        }
+        last = Some(now);
+    };
+    let (sent, steps_received, tasks_received) = counts;
+    assert!(steps_received > 0 && tasks_received > 0, "both channels carried work: {steps_received}, {tasks_received}");
+    assert_eq!(sent[0], steps_received as f64, "step-channel NOTIFYs counted by the services vs received");
+    assert_eq!(sent[1], tasks_received as f64, "task-channel NOTIFYs counted by the services vs received");
+    counting.abort();
     deployment.stop_all().await;
     db.drop_database().await.unwrap();
 }
