@@ -264,6 +264,11 @@ impl Worker {
     /// Claims while there is capacity and work; `via` is what woke it.
     async fn drain(&self, via: DiscoveredVia, permits: &Arc<Semaphore>, shared: &Shared) -> tasker_shared::Result<()> {
         loop {
+            // Attempts give capacity back one by one, often many within
+            // microseconds (when the completer takes a batch, every attempt
+            // waiting to hand over its outcome finishes). Let those that are
+            // ready run first, so that one claim takes what they free.
+            tokio::task::yield_now().await;
             // Capacity first: the completer claims too (see `Continuation`).
             let mut reserved = reserve(permits, usize::MAX);
             if reserved.is_empty() {
