@@ -49,10 +49,13 @@ pub fn plan(state: TaskState, counts: &StepCounts, next_retry_at: Option<DateTim
         (state, false)
     };
 
+    // A blocked task retries nothing (its retries are not enqueued): the
+    // completion of its last running step wakes it for finalization.
+    let retries = !finalize && target != TaskState::BlockedByFailures;
     let route = path(state, target);
     Plan {
         finalize: finalize && route.is_some(),
-        next_due: if finalize { None } else { next_retry_at.filter(|_| counts.waiting_for_retry > 0) },
+        next_due: next_retry_at.filter(|_| retries && counts.waiting_for_retry > 0),
         events: route.unwrap_or_default(),
     }
 }
@@ -122,6 +125,15 @@ mod tests {
         let p = plan(TaskState::StepsInProcess, &running, None);
         assert_eq!(p.events, [TaskEvent::Block]);
         assert!(!p.finalize);
+
+        // A retry beside the failure is not due: nothing would enqueue it,
+        // and a past due time would bring the task back at once, again and
+        // again, until the running step finished.
+        let past = Utc::now() - chrono::Duration::seconds(1);
+        let waiting = counts(&[(StepState::Error, 1), (StepState::InProgress, 1), (StepState::WaitingForRetry, 1)]);
+        for state in [TaskState::StepsInProcess, TaskState::BlockedByFailures] {
+            assert_eq!(plan(state, &waiting, Some(past)).next_due, None, "from {state:?}");
+        }
 
         let drained = counts(&[(StepState::Error, 1), (StepState::Complete, 1), (StepState::Pending, 1)]);
         let p = plan(TaskState::BlockedByFailures, &drained, None);

@@ -38,19 +38,30 @@ pub struct Orchestrator {
     discovery: Discovery,
     stats: SampledStatisticsCollector,
     monitor: PgNotifyMonitor,
-    /// When the timer was last armed from the database (at most once a second).
-    armed_at: Arc<Mutex<Option<Instant>>>,
+    /// Reading the next due time from the database (see `arm_timer`).
+    arming: Arc<Mutex<Arming>>,
 }
 
-/// How often the earliest future due time is read from the database. Retries
-/// this process schedules arm the timer directly, and other processes' arrive
-/// as hints; the read catches the rest (abandoned claims, lost hints).
+/// How often, at most, the next due time is read from the database unless the
+/// timer fired. Retries this process schedules arm the timer directly, and
+/// other processes' arrive as hints; the read catches the rest (retries after
+/// the earliest, abandoned claims, lost hints).
 const ARM_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The shortest wait the timer is armed for from the database: a task found
-/// due but left unclaimed is looked at again this soon, not at once, so that a
-/// row another transaction holds a little longer makes no busy loop.
+/// The first wait before looking again at a task found due but left
+/// unclaimed (it fell due after the claim looked, or another transaction held
+/// its row). It doubles while that keeps happening, up to [`ARM_INTERVAL`],
+/// so a row held for long costs a claim a second, not a busy loop.
 const DUE_AGAIN: Duration = Duration::from_millis(5);
+
+/// State of the reads of the next due time.
+#[derive(Debug)]
+struct Arming {
+    /// When the last read succeeded.
+    last_read: Option<Instant>,
+    /// The wait for a task found due but unclaimed (see [`DUE_AGAIN`]).
+    due_again: Duration,
+}
 
 /// What a pass over one batch found out.
 #[derive(Debug, Default)]
@@ -88,7 +99,7 @@ impl Orchestrator {
             discovery,
             stats,
             monitor,
-            armed_at: Arc::new(Mutex::new(None)),
+            arming: Arc::new(Mutex::new(Arming { last_read: None, due_again: DUE_AGAIN })),
         }
     }
 
@@ -112,9 +123,10 @@ impl Orchestrator {
     }
 
     /// Claims and processes batches until no due task is left, then arms the
-    /// timer for the next known due time. Once the timer fired it always
-    /// reads that time from the database: the timer holds one time, the
-    /// earliest, so the retries that fall due after it are known only there.
+    /// timer for the next known due time. Once the timer fired (or after a
+    /// sweep) it always reads that time from the database: the timer holds
+    /// one time, the earliest, so the retries that fall due after it are
+    /// known only there.
     async fn drain(&self, via: DiscoveredVia) -> tasker_shared::Result<()> {
         loop {
             let iteration = Instant::now();
@@ -143,47 +155,62 @@ impl Orchestrator {
                 break;
             }
         }
-        self.arm_timer(self.discovery.timer_fired()).await
+        let timer_fired = self.discovery.timer_fired();
+        self.arm_timer(timer_fired || via == DiscoveredVia::Sweep).await
     }
 
-    /// Sets the discovery timer to the earliest due time in the database
-    /// (as `due_tasks` defines due): a scheduled retry, a claim that may be
-    /// abandoned, or a task already due that the last claim did not take (it
-    /// fell due since, or another transaction held its row; the timer then
-    /// fires after [`DUE_AGAIN`]).
-    /// This is what lets EventDrivenOnly run retries without polling. At most
-    /// once per [`ARM_INTERVAL`] unless `now` (the timer fired: see `drain`).
-    /// The wait is measured on the database's clock, so clock skew between
-    /// hosts does not move it.
-    async fn arm_timer(&self, now: bool) -> tasker_shared::Result<()> {
-        {
-            let mut armed_at = self.armed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !now && armed_at.is_some_and(|at| at.elapsed() < ARM_INTERVAL) {
-                return Ok(());
-            }
-            *armed_at = Some(Instant::now());
+    /// Sets the discovery timer to the earliest due time in the database (as
+    /// `due_tasks` defines due): a scheduled retry, a claim that may be
+    /// abandoned, or a task already due that the last claim did not take
+    /// (see [`DUE_AGAIN`]). This is what lets EventDrivenOnly run retries
+    /// without polling. Unless `forced`, it reads at most once per
+    /// [`ARM_INTERVAL`], and otherwise sets the timer for when the next read
+    /// is allowed, so a read always follows. The wait is measured on the
+    /// database's clock.
+    async fn arm_timer(&self, forced: bool) -> tasker_shared::Result<()> {
+        let last_read = self.arming.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last_read;
+        if let Some(last_read) = last_read.filter(|at| !forced && at.elapsed() < ARM_INTERVAL) {
+            self.discovery.schedule((last_read + ARM_INTERVAL).into()).await;
+            return Ok(());
         }
-        // A task another orchestrator holds falls due when that claim expires
-        // (a wake-up during the claim moves ready_at, not the claim).
+        // A claimed task falls due when its claim expires: a wake-up during
+        // the claim moves ready_at, not the claim, and ready_at is never later
+        // than the claim's expiry.
         let wait_ms = sqlx::query_scalar!(
-            "SELECT (extract(epoch FROM min(CASE WHEN claim_expires_at > now() THEN claim_expires_at
-                                                ELSE ready_at END) - now()) * 1000)::float8
+            "SELECT (extract(epoch FROM min(GREATEST(ready_at, claim_expires_at)) - now()) * 1000)::float8
              FROM tasker.tasks WHERE ready_at IS NOT NULL"
         )
         .fetch_one(&self.pool)
         .await?;
-        if let Some(wait_ms) = wait_ms {
-            let wait = if wait_ms > 0.0 {
-                Duration::try_from_secs_f64(wait_ms.min(86_400_000.0) / 1000.0).unwrap_or(DUE_AGAIN)
-            } else {
-                DUE_AGAIN
-            };
-            tracing::debug!(wait_ms, after_timer = now, "timer armed from the database");
+        let wait = {
+            let mut arming = self.arming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            arming.last_read = Some(Instant::now());
+            match wait_ms {
+                Some(ms) if ms <= 0.0 => {
+                    let wait = arming.due_again;
+                    arming.due_again = (wait * 2).min(ARM_INTERVAL);
+                    Some(wait)
+                }
+                Some(ms) => {
+                    arming.due_again = DUE_AGAIN;
+                    Duration::try_from_secs_f64(ms / 1000.0).ok()
+                }
+                None => {
+                    arming.due_again = DUE_AGAIN;
+                    None
+                }
+            }
+        };
+        if let Some(wait) = wait {
+            tracing::debug!(?wait, forced, "timer armed from the database");
             self.discovery.schedule(tokio::time::Instant::now() + wait).await;
         }
         Ok(())
     }
 
+    /// Sets the discovery timer for `at`, a retry time a pass computed on its
+    /// host's clock. If the clocks disagree and the timer fires early, the
+    /// cost is a claim that finds nothing and a read (the timer fired).
     async fn schedule_at(&self, at: DateTime<Utc>) {
         let wait = (at - Utc::now()).to_std().unwrap_or_default();
         self.discovery.schedule(tokio::time::Instant::now() + wait).await;

@@ -543,7 +543,7 @@ mod tests {
         assert_eq!(discovery.next().await, None);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_timer_that_fires_with_a_notification_is_still_reported() {
         let shutdown = CancellationToken::new();
         let discovery = timer_only(&shutdown);
