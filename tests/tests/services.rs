@@ -134,25 +134,32 @@ async fn a_chain_continues_on_the_completing_worker_in_its_completion_transactio
     db.drop_database().await.unwrap();
 }
 
-/// No polling anywhere: the retry is found by the orchestrator's timer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn event_driven_only_retries_a_failing_step_with_backoff_and_no_polling() {
-    let db = TestDatabase::create("retry").await.unwrap();
-    let mut deployment = Deployment::start(
-        &db,
+/// An EventDrivenOnly orchestrator and worker, with `namespace`/`flaky`
+/// published: one step that fails its first `fail_times` attempts, retried
+/// under `policy`.
+async fn event_driven_with_flaky(
+    db: &TestDatabase,
+    namespace: &str,
+    fail_times: u32,
+    policy: serde_json::Value,
+) -> Deployment {
+    let deployment = Deployment::start(
+        db,
         &[ServiceSpec::orchestrator("orch-1", "EventDrivenOnly"), ServiceSpec::worker("worker-1", "EventDrivenOnly")],
     )
     .await
     .unwrap();
+    let template = templates::single(namespace, "flaky", "fail", json!({"fail_times": fail_times}), policy);
+    deployment.api().publish_template(&template).await.unwrap();
+    deployment
+}
+
+/// No polling anywhere: the retry is found by the orchestrator's timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_driven_only_retries_a_failing_step_with_backoff_and_no_polling() {
+    let db = TestDatabase::create("retry").await.unwrap();
+    let mut deployment = event_driven_with_flaky(&db, "retry", 2, json!({"max_attempts": 3, "backoff_ms": 400})).await;
     let api = deployment.api();
-    let template = templates::single(
-        "retry",
-        "flaky",
-        "fail",
-        json!({"fail_times": 2}),
-        json!({"max_attempts": 3, "backoff_ms": 400}),
-    );
-    api.publish_template(&template).await.unwrap();
     let task = api.submit(&templates::task("retry", "flaky")).await.unwrap();
 
     wait_until("the task is final", Duration::from_secs(30), || async { db.final_tasks().await == 1 }).await;
@@ -195,22 +202,10 @@ async fn event_driven_only_retries_a_failing_step_with_backoff_and_no_polling() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_driven_only_runs_retries_falling_due_at_different_times() {
     let db = TestDatabase::create("retries").await.unwrap();
-    let mut deployment = Deployment::start(
-        &db,
-        &[ServiceSpec::orchestrator("orch-1", "EventDrivenOnly"), ServiceSpec::worker("worker-1", "EventDrivenOnly")],
-    )
-    .await
-    .unwrap();
-    let api = deployment.api();
     // First retry after 100-200 ms, each task's own draw.
-    let template = templates::single(
-        "retries",
-        "flaky",
-        "fail",
-        json!({"fail_times": 1}),
-        json!({"max_attempts": 2, "backoff_ms": 200}),
-    );
-    api.publish_template(&template).await.unwrap();
+    let mut deployment =
+        event_driven_with_flaky(&db, "retries", 1, json!({"max_attempts": 2, "backoff_ms": 200})).await;
+    let api = deployment.api();
     submit_many(&api, "retries", "flaky", 30).await.unwrap();
 
     wait_until("every task is final", Duration::from_secs(20), || async { db.final_tasks().await == 30 }).await;
