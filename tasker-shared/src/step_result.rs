@@ -49,9 +49,11 @@ pub struct Recorded {
     /// transaction; one with several parents in the call is credited to one
     /// of them); none for failures.
     pub enqueued_dependents: Vec<Uuid>,
-    /// Whether its task was woken for its orchestrator by this call.
+    /// Whether its task was woken for its orchestrator by this call (false
+    /// when rejected).
     pub task_woken: bool,
-    /// Whether this call finalized its task (the last step completed).
+    /// Whether this call finalized its task (the last step completed; false
+    /// when rejected).
     pub task_finalized: bool,
     /// When a task finalized by this call was submitted (for its latency).
     pub task_created_at: Option<DateTime<Utc>>,

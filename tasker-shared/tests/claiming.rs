@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 use support::*;
-use tasker_shared::claim::{self, DiscoveredVia, Release};
+use tasker_shared::claim::{self, AttemptRef, DiscoveredVia, Release};
 use tasker_shared::finalize;
 use tasker_shared::state_machine::{StepState, TaskState};
 use tasker_shared::step_result::{self, Announce, Failure, Success};
@@ -331,6 +331,56 @@ async fn completions_enqueue_what_they_unblock_and_the_last_one_finalizes(pool: 
     .unwrap();
     assert_eq!(actor, "w", "finalized by the completing worker");
     assert_invariants(&pool).await;
+}
+
+/// Both parents of a join completed in one call enqueue it once, credited to
+/// one of them; an outcome the fence rejects in the same call reports nothing
+/// about its task; and each answer belongs to its input.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn one_call_completing_both_parents_credits_the_join_to_one(pool: PgPool) {
+    let t = template("quiet", "fan", &[("start", &[]), ("x", &["start"]), ("y", &["start"]), ("end", &["x", "y"])]);
+    publish(&pool, &t).await;
+    let tasks = submit(&pool, &t, 2).await;
+    enqueue_pass(&pool, ORCH).await;
+    let starts = claim_steps(&pool, "w", 10).await;
+    assert_eq!(starts.len(), 2);
+    let (first, other) =
+        if starts[0].task_uuid == tasks[0] { (&starts[0], &starts[1]) } else { (&starts[1], &starts[0]) };
+    let done = Success { attempt: first.attempt_ref(), result: serde_json::json!(0) };
+    step_result::complete_steps(&pool, "w", &[done]).await.unwrap();
+    let middle = claim_steps(&pool, "w", 10).await;
+    assert_eq!(middle.len(), 2, "x and y of the first task");
+
+    let stale = AttemptRef { step_uuid: other.step_uuid, attempt: other.attempt + 1 };
+    let successes = [
+        Success { attempt: middle[0].attempt_ref(), result: serde_json::json!(1) },
+        Success { attempt: stale, result: serde_json::json!("stale") },
+        Success { attempt: middle[1].attempt_ref(), result: serde_json::json!(2) },
+    ];
+    let recorded = step_result::complete_steps(&pool, "w", &successes).await.unwrap();
+    let answers: Vec<(Uuid, bool)> = recorded.iter().map(|r| (r.step_uuid, r.accepted)).collect();
+    assert_eq!(
+        answers,
+        vec![(middle[0].step_uuid, true), (other.step_uuid, false), (middle[1].step_uuid, true)],
+        "one answer per input, in input order"
+    );
+    let join: Uuid = sqlx::query_scalar(
+        "SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1 AND name = 'end' AND state = 'enqueued'",
+    )
+    .bind(tasks[0])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let credited: Vec<&Vec<Uuid>> = [&recorded[0], &recorded[2]].iter().map(|r| &r.enqueued_dependents).collect();
+    assert!(
+        credited == [&vec![join], &vec![]] || credited == [&vec![], &vec![join]],
+        "the join is credited to exactly one parent: {credited:?}"
+    );
+    let rejected = &recorded[1];
+    assert!(rejected.enqueued_dependents.is_empty() && !rejected.task_woken && !rejected.task_finalized);
+    assert_eq!(rejected.task_created_at, None);
+    assert!(recorded.iter().all(|r| !r.task_finalized && !r.task_woken), "the join still has to run");
+    assert_eq!(task_state(&pool, tasks[1]).await, TaskState::StepsInProcess, "the stale outcome changed nothing");
 }
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
