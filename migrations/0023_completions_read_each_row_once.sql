@@ -18,12 +18,18 @@
 -- accepted step's task, the lookup of dependents keeps the edges it reads,
 -- and the finalizing UPDATE returns the task's submission time.
 --
--- Two differences, neither seen by callers: runnable dependents of a task
--- that is not running are locked too (its row is already locked, by
+-- Fixed on the way: when a step appeared twice in one call (a stale
+-- attempt's outcome beside the current one's), the result stored was the
+-- first occurrence's, possibly the stale attempt's, and both inputs were
+-- answered as accepted. The result is now the accepted input's, and only
+-- that input is answered as accepted.
+--
+-- Two other differences, neither seen by callers: runnable dependents of a
+-- task that is not running are locked too (its row is already locked, by
 -- lock_tasks_of_steps), and an outcome the fence rejected reports its task
--- as neither woken nor finalized (it was reported woken when an accepted
--- step of the same task woke it; callers read those fields of accepted
--- outcomes only).
+-- as neither woken nor finalized (it was reported so when an accepted step
+-- of the same task woke or finalized it; callers read those fields of
+-- accepted outcomes only).
 
 CREATE OR REPLACE FUNCTION tasker.complete_steps(
     p_worker_id  text,
@@ -42,6 +48,7 @@ CREATE OR REPLACE FUNCTION tasker.complete_steps(
     LANGUAGE plpgsql AS $$
 DECLARE
     accepted_steps  uuid[];
+    accepted_attempts integer[];
     accepted_tasks  uuid[];
     edge_children   uuid[];
     edge_parents    uuid[];
@@ -66,10 +73,17 @@ BEGIN
     -- key, for every input. Each result is found by its position in the
     -- input (a linear search per row, at most 256 rows a call) rather than
     -- by joining the input, which would bring back the join choice.
+    --
+    -- A step can appear twice in one call (a stale attempt's outcome beside
+    -- the current one's, from a worker that lost the step's lease and then
+    -- claimed it again): the result stored is the accepted input's, found by
+    -- its position among the locked inputs (both arrays are read from the
+    -- same materialized rows, in the same order), not by the step's first
+    -- occurrence in the input.
     WITH locked AS (
-        SELECT l.step_uuid
-        FROM (SELECT i.step_uuid, i.attempt
-              FROM unnest(p_step_uuids, p_attempts) AS i(step_uuid, attempt)
+        SELECT l.step_uuid, o.n
+        FROM (SELECT i.step_uuid, i.attempt, i.n
+              FROM unnest(p_step_uuids, p_attempts) WITH ORDINALITY AS i(step_uuid, attempt, n)
               ORDER BY i.step_uuid) AS o
         CROSS JOIN LATERAL (
             SELECT s.step_uuid, s.state
@@ -81,7 +95,7 @@ BEGIN
     ), completed AS (
         UPDATE tasker.workflow_steps s
         SET state = 'complete',
-            result = coalesce(p_results[array_position(p_step_uuids, s.step_uuid)], 'null'::jsonb),
+            result = coalesce(p_results[(ARRAY(SELECT l.n::integer FROM locked l))[array_position(ARRAY(SELECT l.step_uuid FROM locked l), s.step_uuid)]], 'null'::jsonb),
             lease_expires_at = NULL, completed_at = now(), updated_at = now()
         WHERE s.step_uuid = ANY (ARRAY(SELECT l.step_uuid FROM locked l))
         RETURNING s.step_uuid, s.task_uuid, s.attempts
@@ -92,13 +106,14 @@ BEGIN
                format('attempt %s succeeded', c.attempts), p_worker_id
         FROM completed c
     )
-    SELECT array_agg(c.step_uuid), array_agg(c.task_uuid), array_agg(DISTINCT c.task_uuid)
-    INTO accepted_steps, accepted_tasks, touched_tasks
+    SELECT array_agg(c.step_uuid), array_agg(c.attempts), array_agg(c.task_uuid), array_agg(DISTINCT c.task_uuid)
+    INTO accepted_steps, accepted_attempts, accepted_tasks, touched_tasks
     FROM completed c;
 
     IF accepted_steps IS NULL THEN
         RETURN QUERY SELECT i.step_uuid, false, '{}'::uuid[], false, false, NULL::timestamptz
-                     FROM unnest(p_step_uuids) AS i(step_uuid);
+                     FROM unnest(p_step_uuids) WITH ORDINALITY AS i(step_uuid, n)
+                     ORDER BY i.n;
         RETURN;
     END IF;
 
@@ -212,9 +227,10 @@ BEGIN
         PERFORM tasker.wake_tasks(woken_tasks);
     END IF;
 
-    -- The answer, from the arrays above: each enqueued dependent is credited
-    -- to one completed parent of this call (the least, as before), and an
-    -- accepted step reports what happened to its task.
+    -- The answer, from the arrays above, one row per input in input order:
+    -- each enqueued dependent is credited to one completed parent of this
+    -- call (the least, as before), and an accepted input (its step and
+    -- attempt) reports what happened to its task.
     RETURN QUERY
     WITH credit AS (
         SELECT min(e.parent::text)::uuid AS parent, e.child
@@ -228,9 +244,10 @@ BEGIN
            coalesce(a.task_uuid = ANY (woken_tasks), false),
            coalesce(a.task_uuid = ANY (finalized_tasks), false),
            finalized_since[array_position(finalized_tasks, a.task_uuid)]
-    FROM unnest(p_step_uuids) WITH ORDINALITY AS i(step_uuid, n)
-    LEFT JOIN unnest(accepted_steps, accepted_tasks) AS a(step_uuid, task_uuid) ON a.step_uuid = i.step_uuid
-    LEFT JOIN credited cr ON cr.parent = i.step_uuid
+    FROM unnest(p_step_uuids, p_attempts) WITH ORDINALITY AS i(step_uuid, attempt, n)
+    LEFT JOIN unnest(accepted_steps, accepted_attempts, accepted_tasks) AS a(step_uuid, attempt, task_uuid)
+           ON a.step_uuid = i.step_uuid AND a.attempt = i.attempt
+    LEFT JOIN credited cr ON cr.parent = a.step_uuid
     ORDER BY i.n;
 END
 $$;

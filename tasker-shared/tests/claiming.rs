@@ -383,6 +383,77 @@ async fn one_call_completing_both_parents_credits_the_join_to_one(pool: PgPool) 
     assert_eq!(task_state(&pool, tasks[1]).await, TaskState::StepsInProcess, "the stale outcome changed nothing");
 }
 
+/// A stale attempt's outcome beside the current attempt's, in one call (a
+/// worker that lost a step's lease and claimed it again): the current
+/// result is stored, only the current input is answered as accepted, and the
+/// task it finalizes is reported on that row alone.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_stale_outcome_beside_the_current_one_is_answered_as_rejected(pool: PgPool) {
+    let t = single("dup");
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+    enqueue_pass(&pool, ORCH).await;
+    let claimed = claim_steps(&pool, "w", 1).await;
+    let current = claimed[0].attempt_ref();
+    let stale = AttemptRef { step_uuid: current.step_uuid, attempt: current.attempt - 1 };
+    let successes = [
+        Success { attempt: stale, result: serde_json::json!("stale") },
+        Success { attempt: current, result: serde_json::json!("current") },
+    ];
+    let recorded = step_result::complete_steps(&pool, "w", &successes).await.unwrap();
+
+    assert_eq!(recorded.len(), 2);
+    assert!(!recorded[0].accepted && !recorded[0].task_finalized && recorded[0].task_created_at.is_none());
+    assert!(recorded[1].accepted && recorded[1].task_finalized);
+    let created_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT created_at FROM tasker.tasks WHERE task_uuid = $1")
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded[1].task_created_at, Some(created_at));
+    let result: serde_json::Value = sqlx::query_scalar("SELECT result FROM tasker.workflow_steps WHERE step_uuid = $1")
+        .bind(current.step_uuid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(result, serde_json::json!("current"));
+}
+
+/// Tasks finalized by one call each report their own submission time.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn one_call_finalizing_several_tasks_reports_each_its_own_submission_time(pool: PgPool) {
+    let t = single("several");
+    publish(&pool, &t).await;
+    // One submission each, so that no two tasks share a creation time.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.extend(submit(&pool, &t, 1).await);
+    }
+    enqueue_pass(&pool, ORCH).await;
+    let claimed = claim_steps(&pool, "w", 10).await;
+    assert_eq!(claimed.len(), 4);
+    let successes: Vec<Success> =
+        claimed.iter().map(|c| Success { attempt: c.attempt_ref(), result: serde_json::json!(null) }).collect();
+    let recorded = step_result::complete_steps(&pool, "w", &successes).await.unwrap();
+
+    let created: HashMap<Uuid, chrono::DateTime<chrono::Utc>> =
+        sqlx::query_as("SELECT task_uuid, created_at FROM tasker.tasks WHERE task_uuid = ANY ($1)")
+            .bind(&tasks)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let distinct: std::collections::HashSet<_> = created.values().collect();
+    assert_eq!(distinct.len(), 4, "the check needs distinct submission times");
+    for (claim, answer) in claimed.iter().zip(&recorded) {
+        assert_eq!(answer.step_uuid, claim.step_uuid);
+        assert!(answer.task_finalized);
+        assert_eq!(answer.task_created_at, Some(created[&claim.task_uuid]), "step {}", claim.step_uuid);
+    }
+}
+
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn a_last_completion_does_not_finalize_a_task_an_orchestrator_holds_but_wakes_it(pool: PgPool) {
     let t = single("held");
