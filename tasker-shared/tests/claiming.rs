@@ -420,6 +420,38 @@ async fn a_stale_outcome_beside_the_current_one_is_answered_as_rejected(pool: Pg
     assert_eq!(result, serde_json::json!("current"));
 }
 
+/// The failure batch's counterpart: a stale attempt's permanent failure beside
+/// the current attempt's retryable one neither decides the step's next state
+/// nor reads as accepted.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_stale_failure_beside_the_current_one_is_answered_as_rejected(pool: PgPool) {
+    let t = single("dupfail");
+    publish(&pool, &t).await;
+    submit(&pool, &t, 1).await;
+    enqueue_pass(&pool, ORCH).await;
+    let claimed = claim_steps(&pool, "w", 1).await;
+    let current = claimed[0].attempt_ref();
+    let stale = AttemptRef { step_uuid: current.step_uuid, attempt: current.attempt - 1 };
+    let failures = [
+        Failure { attempt: stale, error: "stale".into(), retryable: false },
+        Failure { attempt: current, error: "current".into(), retryable: true },
+    ];
+    let recorded = step_result::fail_steps(&pool, "w", &failures).await.unwrap();
+
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(recorded[0].step_uuid, current.step_uuid);
+    assert!(!recorded[0].accepted && recorded[0].state.is_none(), "{:?}", recorded[0]);
+    assert!(recorded[1].accepted, "{:?}", recorded[1]);
+    assert_eq!(recorded[1].state, Some(StepState::WaitingForRetry));
+    let (state, error): (String, String) =
+        sqlx::query_as("SELECT state, last_error FROM tasker.workflow_steps WHERE step_uuid = $1")
+            .bind(current.step_uuid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), error.as_str()), ("waiting_for_retry", "current"));
+}
+
 /// Tasks finalized by one call each report their own submission time.
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn one_call_finalizing_several_tasks_reports_each_its_own_submission_time(pool: PgPool) {
