@@ -450,6 +450,15 @@ async fn a_stale_failure_beside_the_current_one_is_answered_as_rejected(pool: Pg
             .await
             .unwrap();
     assert_eq!((state.as_str(), error.as_str()), ("waiting_for_retry", "current"));
+    let history: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM tasker.workflow_step_transitions WHERE step_uuid = $1 AND from_state = 'in_progress'",
+    )
+    .bind(current.step_uuid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(history, [format!("attempt {} of 3 failed: current", current.attempt)]);
+    assert_invariants(&pool).await;
 }
 
 /// Tasks finalized by one call each report their own submission time.

@@ -87,16 +87,25 @@ async fn mixed_mode_deployment_handles_notify_failure() {
     assert!(kills >= 12, "the listeners were terminated repeatedly ({kills} terminations)");
     assert_eq!(db.task_states().await.get("complete"), Some(&total), "every one of {total} tasks completed");
 
-    // The polling replicas picked up what the listeners missed. Whether the
-    // polling orchestrator's claims also count as misses depends on timing:
-    // while retries fall due every few milliseconds its timer claims every
-    // due task, woken ones included, well within the threshold, which by
-    // definition is no miss. That misses are counted, exactly, is
-    // notify_monitor.rs's test; here the count is reported.
+    // The polling replicas picked up what the listeners missed. How many of
+    // the polling orchestrator's claims are misses depends on timing: while
+    // retries fall due every few milliseconds its timer claims every due
+    // task, woken ones included, often well within the threshold, which by
+    // definition is no miss (some runs count none). So its count must equal
+    // the database's: its claims, not taken over, that waited past the
+    // threshold.
     let poll_claims = deployment.metric_sum("orch-poll", "tasker_tasks_discovered_total", &[("via", "poll")]).await;
     let poll_misses = deployment.metric_sum("orch-poll", "tasker_notify_misses_total", &[]).await;
     let catch_all_steps = deployment.metric_sum("worker-poll", "tasker_steps_started_total", &[]).await;
     assert!(poll_claims > 0.0, "the polling orchestrator claimed tasks by polling");
+    let late_claims: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasker.task_discoveries
+         WHERE claimed_by = 'orch-poll' AND NOT took_over AND claimed_at - ready_since > interval '300 milliseconds'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(poll_misses, late_claims as f64, "the polling orchestrator's misses are its claims that waited");
     assert!(catch_all_steps > 0.0, "the catch-all polling worker ran steps the listeners missed");
     let step_misses = deployment.metric_sum("worker", "tasker_notify_misses_total", &[("channel_kind", "steps")]).await;
     assert!(step_misses > 0.0, "the workers counted the step notifications they missed");
