@@ -33,14 +33,14 @@ BEGIN
         SELECT * FROM unnest(p_step_uuids, p_attempts, p_errors, p_retryable) WITH ORDINALITY
             AS i(step_uuid, attempt, error, retryable, n)
     ), locked AS (
-        SELECT s.step_uuid, i.n
+        SELECT s.step_uuid, i.n, i.error, i.retryable
         FROM tasker.workflow_steps s JOIN input i ON i.step_uuid = s.step_uuid AND i.attempt = s.attempts
         WHERE s.state = 'in_progress' AND s.claimed_by = p_worker_id
         ORDER BY s.step_uuid
         FOR NO KEY UPDATE OF s
     ), chosen AS (
-        SELECT DISTINCT ON (l.step_uuid) l.step_uuid, i.error, i.retryable
-        FROM locked l JOIN input i ON i.n = l.n
+        SELECT DISTINCT ON (l.step_uuid) l.step_uuid, l.error, l.retryable
+        FROM locked l
         ORDER BY l.step_uuid, l.n
     ), failed AS (
         UPDATE tasker.workflow_steps s

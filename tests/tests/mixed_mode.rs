@@ -12,14 +12,22 @@ use std::time::Duration;
 use serde_json::json;
 use tasker_tests::{Deployment, ServiceSpec, TestDatabase, assert_each_attempt_ran_once, templates, wait_until};
 
+/// Every service's `TASKER_NOTIFY_MISS_THRESHOLD_MS`, and the database check of
+/// the polling orchestrator's misses.
+const MISS_THRESHOLD_MS: u32 = 300;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_mode_deployment_handles_notify_failure() {
     let db = TestDatabase::create("mixed").await.unwrap();
     // Event-driven replicas stay deaf for 1.5 s after losing their connection,
     // so that polling replicas, not only catch-up sweeps, have misses to find.
-    let event =
-        |s: ServiceSpec| s.with("TASKER_LISTENER_RECONNECT_MS", "1500").with("TASKER_NOTIFY_MISS_THRESHOLD_MS", "300");
-    let poll = |s: ServiceSpec| s.with("POLL_INTERVAL_MS", "500").with("TASKER_NOTIFY_MISS_THRESHOLD_MS", "300");
+    let event = |s: ServiceSpec| {
+        s.with("TASKER_LISTENER_RECONNECT_MS", "1500")
+            .with("TASKER_NOTIFY_MISS_THRESHOLD_MS", MISS_THRESHOLD_MS.to_string())
+    };
+    let poll = |s: ServiceSpec| {
+        s.with("POLL_INTERVAL_MS", "500").with("TASKER_NOTIFY_MISS_THRESHOLD_MS", MISS_THRESHOLD_MS.to_string())
+    };
     let mut deployment = Deployment::start(
         &db,
         &[
@@ -100,8 +108,9 @@ async fn mixed_mode_deployment_handles_notify_failure() {
     assert!(poll_claims > 0.0, "the polling orchestrator claimed tasks by polling");
     let late_claims: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM tasker.task_discoveries
-         WHERE claimed_by = 'orch-poll' AND NOT took_over AND claimed_at - ready_since > interval '300 milliseconds'",
+         WHERE claimed_by = 'orch-poll' AND NOT took_over AND claimed_at - ready_since > $1 * interval '1 millisecond'",
     )
+    .bind(f64::from(MISS_THRESHOLD_MS))
     .fetch_one(&db.pool)
     .await
     .unwrap();
