@@ -1,8 +1,8 @@
 -- bench-functions, one pgbench transaction: what a worker's completer does,
 -- in one statement: claim up to :batch steps, complete them all. It calls the
 -- five-argument complete_steps, as the worker does: the four-argument one is a
--- LANGUAGE sql wrapper whose settings keep it from being inlined, so its body
--- would be parsed and planned again on every call.
+-- LANGUAGE sql wrapper that cannot be inlined (it is volatile and has SET
+-- clauses), so its body would be parsed and planned again on every call.
 WITH claimed AS MATERIALIZED (
     SELECT * FROM tasker.claim_steps('bench-' || :client_id, NULL, :batch, '5 min'))
 SELECT count(*)
