@@ -3,11 +3,13 @@
 //! this turns many completions into few transactions; when idle, a single
 //! outcome is written at once (no artificial delay).
 //!
-//! A completion that makes dependents runnable also claims, in its own
-//! transaction, as much of that work as the worker has room for, and starts
-//! it at once: along a chain of steps, the next step begins without a claim
-//! transaction or a notification round trip of its own, and other workers are
-//! notified only of the dependents it leaves.
+//! Each outcome brings its attempt's capacity (a permit), and the transaction
+//! that records a batch claims the next work with it and starts that work at
+//! once: the dependents it enqueued first, so that along a chain of steps the
+//! next step begins without a claim transaction or a notification round trip
+//! of its own; then, when the claim loop is waiting for capacity, any ready
+//! step, so that under load one transaction records a batch and claims the
+//! next. Other workers are notified only of the dependents it leaves.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,15 +22,20 @@ use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::state_machine::TaskState;
 use tasker_shared::step_result::{self, Announce, Failure, Recorded, Success};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use uuid::Uuid;
 
 use crate::handler::StepResult;
 use crate::inflight::InFlight;
-use crate::worker::{Continuation, Reservation};
+use crate::worker::Continuation;
 
 /// Most outcomes written in one batch.
 const MAX_BATCH: usize = 256;
+
+/// Yields in a row that bring no further outcome before a batch is written:
+/// attempts that are about to finish (a handler that returns at once takes a
+/// few scheduler turns to report) join the batch; no timer delays it.
+const IDLE_YIELDS: u32 = 2;
 
 /// One finished attempt.
 #[derive(Debug)]
@@ -45,6 +52,9 @@ pub struct Outcome {
     pub result: StepResult,
     /// How long the handler ran.
     pub elapsed: std::time::Duration,
+    /// The attempt's capacity, held until the outcome is recorded and then
+    /// used to claim the next work (taken out by the completer).
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Writes outcomes until the sender side closes and everything is written.
@@ -61,29 +71,42 @@ pub async fn run(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = outcomes.recv().await {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
+        let mut idle = 0;
+        while batch.len() < MAX_BATCH && idle < IDLE_YIELDS {
             match outcomes.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let (successes, failures) = split(&batch);
-        let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
-        let mut announced_left = None;
-        if !successes.is_empty() {
-            let written = with_retry(successes.len(), || complete(&pool, &worker_id, &successes, &continuation)).await;
-            if let Some(written) = written {
-                recorded.extend(written.recorded);
-                announced_left = written.announced_left;
-                if let Some(reservation) = written.reservation {
-                    continuation.start(written.claimed, reservation).await;
+                Ok(next) => {
+                    batch.push(next);
+                    idle = 0;
+                }
+                Err(_) => {
+                    idle += 1;
+                    tokio::task::yield_now().await;
                 }
             }
         }
+        let started = std::time::Instant::now();
+        // Given back when dropped, once the batch is recorded, except what
+        // the successes' transaction claims work with.
+        let mut reservation = continuation.hold(batch.iter_mut().filter_map(|o| o.permit.take()).collect());
+        let (successes, failures) = split(&batch);
+        let mut recorded: Vec<Recorded> = Vec::with_capacity(batch.len());
+        let mut announced_left = None;
+        // Failures first: every permit of the batch is then held until its
+        // outcome is recorded, and the successes' transaction claims with all.
         if !failures.is_empty() {
             let written = with_retry(failures.len(), || step_result::fail_steps(&pool, &worker_id, &failures)).await;
             recorded.extend(written.into_iter().flatten());
+        }
+        if !successes.is_empty() {
+            let capacity = reservation.capacity();
+            let written =
+                with_retry(successes.len(), || complete(&pool, &worker_id, &successes, &continuation, capacity)).await;
+            if let Some(written) = written {
+                recorded.extend(written.recorded);
+                announced_left = written.announced_left;
+                reservation.extend(written.extra);
+                continuation.start(written.claimed, reservation).await;
+            }
         }
         account(&batch, &recorded, announced_left, &stats).await;
         metrics::add_processing_time(started.elapsed());
@@ -140,47 +163,50 @@ where
 struct Completed {
     recorded: Vec<Recorded>,
     claimed: Vec<StepClaim>,
-    /// The capacity claimed for (any left over is given back when started).
-    reservation: Option<Reservation>,
+    /// Free permits taken for dependents beyond the batch's own capacity.
+    extra: Vec<OwnedSemaphorePermit>,
     /// Step channels the worker notified for the dependents it left enqueued;
     /// `None` when the completion announced everything it enqueued itself.
     announced_left: Option<u64>,
 }
 
-/// Records successes; if they enqueued dependents, claims up to that many
-/// steps in the same transaction, as far as the worker has free capacity:
-/// those dependents, continuing their tasks, unless a step of higher priority
-/// waits (`claim_dependents`). The dependents it leaves, and only those, are
-/// announced to other workers (`announce_left`: no call when it took them
-/// all). With no free capacity at the start the completion announces what it
-/// enqueues itself, and there is no announcement call (a claim still follows
-/// if capacity freed meanwhile).
+/// Records successes and, in the same transaction, claims work with the
+/// batch's `capacity` (0 once shutdown began), topped up with free permits
+/// when the dependents it enqueued need more: those dependents first,
+/// continuing their tasks, unless a step of higher priority waits, then any
+/// ready step (`claim_dependents`). It claims only when it enqueued
+/// dependents or the claim loop is waiting for capacity (so an idle worker
+/// does not look for work twice). The dependents it leaves, and only those,
+/// are announced to other workers (`announce_left`: no call when it took
+/// them all). With no capacity at all the completion announces what it
+/// enqueues itself, and there is no announcement call.
 async fn complete(
     pool: &PgPool,
     worker_id: &str,
     successes: &[Success],
     continuation: &Continuation,
+    capacity: usize,
 ) -> tasker_shared::Result<Completed> {
     let mut tx = pool.begin().await?;
-    let announce = if continuation.has_room() { Announce::Later } else { Announce::Now };
+    let announce = if capacity > 0 { Announce::Later } else { Announce::Now };
     let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce).await?;
     let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
-    let reservation = if enqueued > 0 { continuation.reserve(enqueued) } else { None };
-    let claimed = match &reservation {
-        None => Vec::new(),
-        Some(reservation) => {
-            let limit = i32::try_from(reservation.capacity()).unwrap_or(i32::MAX);
-            let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
-            let (namespace, lease) = (continuation.namespace(), continuation.lease());
-            claim::claim_dependents(&mut *tx, worker_id, namespace, limit, lease, &dependents).await?
-        }
+    let extra = if capacity > 0 { continuation.take_free(enqueued.saturating_sub(capacity)) } else { Vec::new() };
+    let limit = capacity + extra.len();
+    let claimed = if limit > 0 && (enqueued > 0 || continuation.backlog()) {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
+        let (namespace, lease) = (continuation.namespace(), continuation.lease());
+        claim::claim_dependents(&mut *tx, worker_id, namespace, limit, lease, &dependents).await?
+    } else {
+        Vec::new()
     };
     let announced_left = match announce {
         Announce::Now => None,
         Announce::Later => Some(step_result::announce_left(&mut *tx, &recorded, &claimed).await?),
     };
     tx.commit().await?;
-    Ok(Completed { recorded, claimed, reservation, announced_left })
+    Ok(Completed { recorded, claimed, extra, announced_left })
 }
 
 /// Metrics, statistics and logs for a recorded batch; `announced_left` as in

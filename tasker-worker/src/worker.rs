@@ -73,16 +73,17 @@ struct AttemptContext {
 }
 
 /// Lets the completer claim, in the transaction that records results, the
-/// work those results made runnable, and start it here: a hop along a chain
-/// of steps then costs no claim transaction of its own and no notification
-/// round trip.
+/// work those results made runnable (and, under load, any ready work), and
+/// start it here: a hop along a chain of steps then costs no claim
+/// transaction of its own and no notification round trip.
 ///
-/// Capacity: the completer claims only for permits it has taken, so it never
-/// claims more than the worker can run. It takes only free ones: when the
-/// claim loop holds them at that moment (it reserves all free capacity for
-/// the length of its own claim), the work goes the usual way instead, by
-/// notification. An attempt's permit is held until its outcome is handed
-/// over, not until it is recorded, so recording never idles capacity.
+/// Capacity: an attempt's permit travels with its outcome and is held until
+/// the outcome is recorded; the transaction that records it claims the next
+/// work with it, so under load claiming costs no transaction of its own (the
+/// claim loop finds no free capacity and waits). The completer may also take
+/// free permits, as many as the dependents it enqueued need beyond its own; it
+/// never claims more than the permits it holds, so never more than the worker
+/// can run. What it does not use is given back and wakes the claim loop.
 #[derive(Debug, Clone)]
 pub struct Continuation {
     permits: Arc<Semaphore>,
@@ -97,13 +98,15 @@ pub struct Continuation {
     monitor: PgNotifyMonitor,
 }
 
-/// Capacity and a channel to report to, held from before a continuation claim
-/// until its attempts are started. Dropped unused (the transaction failed),
-/// it gives the capacity back and wakes the claim loop if that waits for it.
+/// Capacity held by the completer, from the recording of a batch until the
+/// attempts claimed with it are started, and a channel for their outcomes
+/// (`None` once shutdown began or the channel closed: then nothing is claimed
+/// with it). Dropped, it gives the rest back and wakes the claim loop if that
+/// waits for capacity.
 #[derive(Debug)]
 pub struct Reservation {
     permits: Vec<OwnedSemaphorePermit>,
-    outcomes: mpsc::Sender<Outcome>,
+    outcomes: Option<mpsc::Sender<Outcome>>,
     context: AttemptContext,
 }
 
@@ -119,29 +122,39 @@ impl Drop for Reservation {
 impl Reservation {
     /// How many steps may be claimed with it.
     pub fn capacity(&self) -> usize {
-        self.permits.len()
+        if self.outcomes.is_some() { self.permits.len() } else { 0 }
+    }
+
+    /// Adds free permits.
+    pub fn extend(&mut self, permits: Vec<OwnedSemaphorePermit>) {
+        self.permits.extend(permits);
     }
 }
 
 impl Continuation {
-    /// Up to `wanted` free permits, with a live channel for the attempts'
-    /// outcomes; `None` once shutdown began (no new work then) or when no
-    /// capacity is free.
-    pub fn reserve(&self, wanted: usize) -> Option<Reservation> {
-        if self.shutdown.is_cancelled() {
-            return None;
-        }
+    /// The permits of a batch's outcomes, to claim with once they are
+    /// recorded; with no channel (nothing to claim) once shutdown began.
+    pub fn hold(&self, permits: Vec<OwnedSemaphorePermit>) -> Reservation {
         // The completer is running, so the channel is open; holding a sender
         // keeps it open until the claimed steps are started.
-        let outcomes = self.outcomes.upgrade()?;
-        let permits = reserve(&self.permits, wanted);
-        (!permits.is_empty()).then(|| Reservation { permits, outcomes, context: self.context.clone() })
+        let outcomes = if self.shutdown.is_cancelled() { None } else { self.outcomes.upgrade() };
+        Reservation { permits, outcomes, context: self.context.clone() }
     }
 
-    /// Whether any capacity is free at this moment (and shutdown has not
-    /// begun): a hint, since the claim loop may take it the next moment.
-    pub fn has_room(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.permits.available_permits() > 0
+    /// Up to `wanted` free permits, none once shutdown began. Dropped, they
+    /// go back like any other permit.
+    pub fn take_free(&self, wanted: usize) -> Vec<OwnedSemaphorePermit> {
+        if self.shutdown.is_cancelled() || wanted == 0 {
+            return Vec::new();
+        }
+        reserve(&self.permits, wanted)
+    }
+
+    /// Whether the claim loop last stopped for lack of capacity, so that
+    /// ready work may be waiting for this worker: then a completion claims
+    /// with all its capacity even when it enqueued nothing.
+    pub fn backlog(&self) -> bool {
+        self.context.backlog.load(Ordering::Acquire)
     }
 
     /// The namespace this worker claims from (`None`: every namespace).
@@ -156,10 +169,14 @@ impl Continuation {
 
     /// Starts committed claims, one permit each, and gives the rest back.
     pub async fn start(&self, claims: Vec<StepClaim>, mut reservation: Reservation) {
+        let Some(outcomes) = reservation.outcomes.clone().filter(|_| !claims.is_empty()) else {
+            // Nothing claimed (a reservation without a channel claims nothing).
+            return;
+        };
         for claim in &claims {
             self.monitor.record_step_discovery(claim, DiscoveredVia::Event).await;
         }
-        let shared = Shared { context: self.context.clone(), outcomes: reservation.outcomes.clone() };
+        let shared = Shared { context: self.context.clone(), outcomes };
         start_attempts(claims, std::mem::take(&mut reservation.permits), &shared, &self.stats).await;
     }
 }
@@ -314,7 +331,7 @@ fn reserve(permits: &Arc<Semaphore>, wanted: usize) -> Vec<OwnedSemaphorePermit>
 }
 
 /// Starts an attempt per claim (counted in the statistics), each holding one
-/// permit until it has handed its outcome over; permits left over are given
+/// permit, which it hands over with its outcome; permits left over are given
 /// back.
 async fn start_attempts(
     claims: Vec<StepClaim>,
@@ -334,9 +351,10 @@ async fn start_attempts(
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            run_attempt(claim, &shared).await;
-            drop(permit);
-            shared.context.released();
+            if !run_attempt(claim, permit, &shared).await {
+                // Not handed over: the permit went back with the outcome.
+                shared.context.released();
+            }
         });
     }
     if permits.len() > 0 {
@@ -345,8 +363,9 @@ async fn start_attempts(
     }
 }
 
-/// Runs one attempt to an outcome and hands it to the completer.
-async fn run_attempt(claim: StepClaim, shared: &Shared) {
+/// Runs one attempt to an outcome and hands it, with the attempt's permit, to
+/// the completer; false when the completer was gone.
+async fn run_attempt(claim: StepClaim, permit: OwnedSemaphorePermit, shared: &Shared) -> bool {
     let attempt = claim.attempt_ref();
     let cancelled = shared.context.inflight.insert(attempt);
     if let Some(journal) = &shared.context.journal {
@@ -403,10 +422,13 @@ async fn run_attempt(claim: StepClaim, shared: &Shared) {
         namespace: claim.namespace,
         result,
         elapsed,
+        permit: Some(permit),
     };
     if shared.outcomes.send(outcome).await.is_err() {
         tracing::error!(step = %attempt.step_uuid, "completer stopped before the outcome was recorded");
+        return false;
     }
+    true
 }
 
 /// Extends the leases of owned attempts every third of the lease; cancels
