@@ -144,6 +144,14 @@ pub struct WorkerSettings {
     pub namespace: Option<Identifier>,
     /// `WORKER_CONCURRENCY`: steps run at once.
     pub concurrency: u32,
+    /// `WORKER_PREFETCH`: claimed steps a worker may hold beyond its
+    /// concurrency, waiting their turn (0 turns prefetching off). Only as many
+    /// as the handlers' recent mean time starts within `prefetch_wait_ms` are
+    /// claimed.
+    pub prefetch: u32,
+    /// `WORKER_PREFETCH_WAIT_MS`: how long a prefetched step may expect to
+    /// wait for its turn.
+    pub prefetch_wait_ms: u64,
     /// `TASKER_STEP_LEASE_MS`: a step attempt's lease; heartbeats renew it at a third.
     pub lease_ms: u64,
     /// `TASKER_WORKER_JOURNAL`: if set, a file to which every handler invocation
@@ -299,7 +307,14 @@ impl Default for OrchestratorSettings {
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        WorkerSettings { namespace: None, concurrency: 16, lease_ms: 30_000, journal: None }
+        WorkerSettings {
+            namespace: None,
+            concurrency: 16,
+            prefetch: 256,
+            prefetch_wait_ms: 10,
+            lease_ms: 30_000,
+            journal: None,
+        }
     }
 }
 
@@ -355,6 +370,8 @@ pub const ENVIRONMENT: &[EnvVar] = &[
     env("TASKER_MAX_BODY_BYTES", "orchestrator.max_body_bytes", Kind::Count),
     env("NAMESPACE", "worker.namespace", Kind::Namespace),
     env("WORKER_CONCURRENCY", "worker.concurrency", Kind::Count),
+    env("WORKER_PREFETCH", "worker.prefetch", Kind::Whole),
+    env("WORKER_PREFETCH_WAIT_MS", "worker.prefetch_wait_ms", Kind::Millis),
     env("TASKER_STEP_LEASE_MS", "worker.lease_ms", Kind::Millis),
     env("TASKER_WORKER_JOURNAL", "worker.journal", Kind::Text),
     env("TASKER_STATISTICS_MODE", "statistics.mode", Kind::StatisticsMode),
@@ -373,6 +390,9 @@ pub const ENVIRONMENT: &[EnvVar] = &[
     env("TASKER_NOTIFY_WARN_MS", "monitoring.notify_warn_ms", Kind::Millis),
     env("TASKER_MONITOR_INTERVAL_MS", "monitoring.interval_ms", Kind::Millis),
 ];
+
+/// The most claimed steps a worker may hold beyond its concurrency.
+pub const MAX_PREFETCH: u32 = 10_000;
 
 /// The lowest sampling rate accepted (the plan's range is 0.01 to 1.0).
 pub const MIN_RATE: f64 = 0.01;
@@ -488,6 +508,24 @@ impl Settings {
         )?;
         at_least("WORKER_CONCURRENCY", "worker.concurrency", self.worker.concurrency.into(), 1, "")?;
         at_least("TASKER_STEP_LEASE_MS", "worker.lease_ms", self.worker.lease_ms, 1_000, " ms")?;
+        at_least("WORKER_PREFETCH_WAIT_MS", "worker.prefetch_wait_ms", self.worker.prefetch_wait_ms, 1, " ms")?;
+        if self.worker.prefetch_wait_ms >= self.worker.lease_ms {
+            return Err(ConfigError::OutOfRange {
+                var: "WORKER_PREFETCH_WAIT_MS",
+                key: "worker.prefetch_wait_ms",
+                problem: format!(
+                    "must be shorter than the step lease (TASKER_STEP_LEASE_MS, {} ms), found {} ms",
+                    self.worker.lease_ms, self.worker.prefetch_wait_ms
+                ),
+            });
+        }
+        if self.worker.prefetch > MAX_PREFETCH {
+            return Err(ConfigError::OutOfRange {
+                var: "WORKER_PREFETCH",
+                key: "worker.prefetch",
+                problem: format!("must be at most {MAX_PREFETCH}, found {}", self.worker.prefetch),
+            });
+        }
         if self.orchestrator.claim_batch > 1_000 {
             return Err(ConfigError::OutOfRange {
                 var: "TASKER_CLAIM_BATCH",
@@ -634,6 +672,11 @@ impl WorkerSettings {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
     }
+
+    /// How long a prefetched step may expect to wait for its turn.
+    pub fn prefetch_wait(&self) -> Duration {
+        Duration::from_millis(self.prefetch_wait_ms)
+    }
 }
 
 #[cfg(test)]
@@ -687,6 +730,34 @@ mod tests {
         assert!(err.contains("POLL_INTERVAL_MS") && err.contains("at least 10"), "{err}");
         let err = load(&[]).expect_err("no url").to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn prefetch_is_on_by_default_can_be_turned_off_and_is_bounded() {
+        let base = ("DATABASE_URL", "postgres://db/tasker");
+        let s = load(&[base]).expect("valid");
+        assert_eq!((s.worker.prefetch, s.worker.prefetch_wait()), (256, Duration::from_millis(10)));
+        let off = load(&[base, ("WORKER_PREFETCH", "0")]).expect("0 turns it off");
+        assert_eq!(off.worker.prefetch, 0);
+        for (vars, expected) in [
+            (vec![("WORKER_PREFETCH", "10001")], "at most 10000"),
+            (vec![("WORKER_PREFETCH", "-1")], "whole number"),
+            (vec![("WORKER_PREFETCH_WAIT_MS", "0")], "positive"),
+            (vec![("WORKER_PREFETCH_WAIT_MS", "30000")], "shorter than the step lease"),
+            (
+                vec![("WORKER_PREFETCH_WAIT_MS", "2000"), ("TASKER_STEP_LEASE_MS", "1500")],
+                "shorter than the step lease",
+            ),
+        ] {
+            let mut all = vec![base];
+            all.extend(vars.iter().copied());
+            let err = load(&all).expect_err(expected).to_string();
+            assert!(
+                err.contains(vars[0].0) && err.contains(expected),
+                "{err} should name {} and say {expected}",
+                vars[0].0
+            );
+        }
     }
 
     #[test]

@@ -37,6 +37,11 @@ const MAX_BATCH: usize = 256;
 /// few scheduler turns to report) join the batch; no timer delays it.
 const IDLE_YIELDS: u32 = 2;
 
+/// The same while handlers run or prefetched steps wait for their turn: a
+/// waiting step takes a few turns more (its turn is handed over, its handler
+/// spawned and joined) before it reports.
+const PENDING_YIELDS: u32 = 8;
+
 /// One finished attempt.
 #[derive(Debug)]
 pub struct Outcome {
@@ -72,7 +77,8 @@ pub async fn run(
     while let Some(first) = outcomes.recv().await {
         batch.push(first);
         let mut idle = 0;
-        while batch.len() < MAX_BATCH && idle < IDLE_YIELDS {
+        let patience = || if continuation.unfinished() > 0 { PENDING_YIELDS } else { IDLE_YIELDS };
+        while batch.len() < MAX_BATCH && idle < patience() {
             match outcomes.try_recv() {
                 Ok(next) => {
                     batch.push(next);
@@ -163,7 +169,7 @@ where
 struct Completed {
     recorded: Vec<Recorded>,
     claimed: Vec<StepClaim>,
-    /// Free permits taken for dependents beyond the batch's own capacity.
+    /// Free slots taken beyond the batch's own capacity.
     extra: Vec<OwnedSemaphorePermit>,
     /// Step channels the worker notified for the dependents it left enqueued;
     /// `None` when the completion announced everything it enqueued itself.
@@ -171,8 +177,10 @@ struct Completed {
 }
 
 /// Records successes and, in the same transaction, claims work with the
-/// batch's `capacity` (0 once shutdown began), topped up with free permits
-/// when the dependents it enqueued need more: those dependents first,
+/// batch's `capacity` (0 once shutdown began), topped up with free slots when
+/// the dependents it enqueued need more, or, when the claim loop is waiting
+/// for capacity, with every free slot the worker's limit allows (which grows
+/// as the handlers' times let it prefetch): those dependents first,
 /// continuing their tasks, unless a step of higher priority waits, then any
 /// ready step (`claim_dependents`). It claims only when it enqueued
 /// dependents or the claim loop is waiting for capacity (so an idle worker
@@ -191,9 +199,14 @@ async fn complete(
     let announce = if capacity > 0 { Announce::Later } else { Announce::Now };
     let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce).await?;
     let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
-    let extra = if capacity > 0 { continuation.take_free(enqueued.saturating_sub(capacity)) } else { Vec::new() };
+    let backlog = continuation.backlog();
+    let extra = match (capacity, backlog) {
+        (0, _) => Vec::new(),
+        (_, true) => continuation.take_free(usize::MAX),
+        (_, false) => continuation.take_free(enqueued.saturating_sub(capacity)),
+    };
     let limit = capacity + extra.len();
-    let claimed = if limit > 0 && (enqueued > 0 || continuation.backlog()) {
+    let claimed = if limit > 0 && (enqueued > 0 || backlog) {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
         let (namespace, lease) = (continuation.namespace(), continuation.lease());

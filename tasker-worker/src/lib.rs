@@ -16,6 +16,7 @@
 //! | building and running the service | [`startup`] |
 
 pub mod builtin;
+pub mod capacity;
 pub mod completer;
 pub mod handler;
 pub mod inflight;

@@ -35,6 +35,9 @@ pub async fn run(settings: Settings, registry: HandlerRegistry, shutdown: Cancel
         instance = %id, mode = %mode,
         namespace = namespace.as_ref().map_or("(all)", |n| n.as_str()),
         handlers = %registry.names().collect::<Vec<_>>().join(","),
+        concurrency = settings.worker.concurrency,
+        prefetch = settings.worker.prefetch,
+        prefetch_wait_ms = settings.worker.prefetch_wait_ms,
         "worker starting"
     );
 
@@ -79,6 +82,8 @@ pub async fn run(settings: Settings, registry: HandlerRegistry, shutdown: Cancel
             id: id.clone(),
             namespace,
             concurrency: settings.worker.concurrency,
+            prefetch: settings.worker.prefetch,
+            prefetch_wait: settings.worker.prefetch_wait(),
             lease: settings.worker.lease(),
             shutdown_timeout: settings.shutdown_timeout(),
         },

@@ -1,10 +1,12 @@
 //! The worker loop: claim steps of its namespace (or of all namespaces) while
-//! it has free capacity, run each attempt's handler under a timeout, keep the
-//! leases alive with heartbeats, and hand outcomes to the completer.
+//! it has free capacity (see [`Capacity`]: its concurrency, plus the steps it
+//! expects to start soon), run each attempt's handler under a timeout, keep
+//! the leases alive with heartbeats, and hand outcomes to the completer.
 //!
-//! Shutdown: claiming stops at once; running attempts get until the deadline
-//! to finish; whatever still runs then is cancelled and reported as a retryable
-//! failure, so its step runs again elsewhere without waiting for its lease.
+//! Shutdown: claiming stops at once; claimed attempts (running, or waiting
+//! their turn) get until the deadline to finish; whatever has not finished
+//! then is cancelled and reported as a retryable failure, so its step runs
+//! again elsewhere without waiting for its lease.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,11 +20,12 @@ use tasker_shared::identifier::Identifier;
 use tasker_shared::metrics;
 use tasker_shared::monitoring::PgNotifyMonitor;
 use tasker_shared::service::sleep_unless_shutdown;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::capacity::Capacity;
 use crate::completer::{self, Outcome};
-use crate::handler::{HandlerRegistry, StepError, StepInput};
+use crate::handler::{HandlerRegistry, StepError, StepInput, StepResult};
 use crate::inflight::InFlight;
 use crate::journal::Journal;
 
@@ -35,6 +38,13 @@ pub struct WorkerConfig {
     pub namespace: Option<Identifier>,
     /// Attempts run at once.
     pub concurrency: u32,
+    /// Claimed steps a worker may hold beyond `concurrency`, waiting their
+    /// turn; only as many as its handlers' recent mean time starts within
+    /// `prefetch_wait`.
+    pub prefetch: u32,
+    /// How long a prefetched step is expected to wait at most; zero turns
+    /// prefetching off.
+    pub prefetch_wait: Duration,
     /// Lease per attempt; heartbeats renew it every third of it.
     pub lease: Duration,
     /// How long shutdown waits for running attempts.
@@ -67,6 +77,7 @@ struct AttemptContext {
     inflight: Arc<InFlight>,
     journal: Option<Arc<Journal>>,
     discovery: Discovery,
+    capacity: Arc<Capacity>,
     /// Set when claiming stopped for lack of capacity: work may be waiting,
     /// so a finishing attempt should wake the claim loop.
     backlog: Arc<AtomicBool>,
@@ -77,16 +88,15 @@ struct AttemptContext {
 /// start it here: a hop along a chain of steps then costs no claim
 /// transaction of its own and no notification round trip.
 ///
-/// Capacity: an attempt's permit travels with its outcome and is held until
+/// Capacity: an attempt's slot travels with its outcome and is held until
 /// the outcome is recorded; the transaction that records it claims the next
 /// work with it, so under load claiming costs no transaction of its own (the
 /// claim loop finds no free capacity and waits). The completer may also take
-/// free permits, as many as the dependents it enqueued need beyond its own; it
-/// never claims more than the permits it holds, so never more than the worker
-/// can run. What it does not use is given back and wakes the claim loop.
+/// free slots, as many as the dependents it enqueued need beyond its own; it
+/// never claims more than the slots it holds and the worker's limit allows.
+/// What it does not use is given back and wakes the claim loop.
 #[derive(Debug, Clone)]
 pub struct Continuation {
-    permits: Arc<Semaphore>,
     /// Attempts started here report to the completer; a weak sender, so the
     /// completer's own handle does not keep its channel open at shutdown.
     outcomes: mpsc::WeakSender<Outcome>,
@@ -120,9 +130,10 @@ impl Drop for Reservation {
 }
 
 impl Reservation {
-    /// How many steps may be claimed with it.
+    /// How many steps may be claimed with it: its slots, as far as the
+    /// worker's limit (which follows its handlers' times) still allows.
     pub fn capacity(&self) -> usize {
-        if self.outcomes.is_some() { self.permits.len() } else { 0 }
+        if self.outcomes.is_some() { self.context.capacity.usable(self.permits.len()) } else { 0 }
     }
 
     /// Adds free permits.
@@ -141,13 +152,13 @@ impl Continuation {
         Reservation { permits, outcomes, context: self.context.clone() }
     }
 
-    /// Up to `wanted` free permits, none once shutdown began. Dropped, they
-    /// go back like any other permit.
+    /// Up to `wanted` free slots within the worker's limit, none once
+    /// shutdown began. Dropped, they go back like any other slot.
     pub fn take_free(&self, wanted: usize) -> Vec<OwnedSemaphorePermit> {
         if self.shutdown.is_cancelled() || wanted == 0 {
             return Vec::new();
         }
-        reserve(&self.permits, wanted)
+        self.context.capacity.reserve(wanted)
     }
 
     /// Whether the claim loop last stopped for lack of capacity, so that
@@ -155,6 +166,12 @@ impl Continuation {
     /// with all its capacity even when it enqueued nothing.
     pub fn backlog(&self) -> bool {
         self.context.backlog.load(Ordering::Acquire)
+    }
+
+    /// Claimed steps whose handler has not returned yet (running, or waiting
+    /// for a turn): outcomes that may be about to arrive.
+    pub fn unfinished(&self) -> usize {
+        self.context.capacity.unfinished()
     }
 
     /// The namespace this worker claims from (`None`: every namespace).
@@ -207,22 +224,26 @@ impl Worker {
 
     /// Runs until `shutdown`, then drains as described in the module docs.
     pub async fn run(self, shutdown: CancellationToken) {
-        let concurrency = usize::try_from(self.config.concurrency).unwrap_or(1).max(1);
-        let permits = Arc::new(Semaphore::new(concurrency));
+        let capacity = Arc::new(Capacity::new(
+            usize::try_from(self.config.concurrency).unwrap_or(usize::MAX),
+            usize::try_from(self.config.prefetch).unwrap_or(usize::MAX),
+            self.config.prefetch_wait,
+        ));
         let inflight = Arc::new(InFlight::default());
-        let (outcomes, outcome_rx) = mpsc::channel(concurrency * 2);
+        // Every held step can hand over its outcome without waiting.
+        let (outcomes, outcome_rx) = mpsc::channel(capacity.size());
         let shared = Shared {
             context: AttemptContext {
                 registry: Arc::clone(&self.registry),
                 inflight: Arc::clone(&inflight),
                 journal: self.journal.clone(),
                 discovery: self.discovery.clone(),
+                capacity: Arc::clone(&capacity),
                 backlog: Arc::new(AtomicBool::new(false)),
             },
             outcomes,
         };
         let continuation = Continuation {
-            permits: Arc::clone(&permits),
             outcomes: shared.outcomes.downgrade(),
             context: shared.context.clone(),
             namespace: self.config.namespace.clone(),
@@ -250,7 +271,7 @@ impl Worker {
 
         let mut backoff = Backoff::new();
         while let Some(via) = self.discovery.next().await {
-            match self.drain(via, &permits, &shared).await {
+            match self.drain(via, &shared).await {
                 Ok(()) => backoff.reset(),
                 Err(err) => {
                     let delay = backoff.next_delay();
@@ -264,12 +285,11 @@ impl Worker {
         }
 
         tracing::info!(running = inflight.len(), "worker stopped claiming; waiting for running attempts");
-        let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
-        let finished = tokio::time::timeout(self.config.shutdown_timeout, permits.acquire_many(all)).await;
+        let finished = tokio::time::timeout(self.config.shutdown_timeout, capacity.all_returned()).await;
         if finished.is_err() {
             let cancelled = inflight.cancel_all();
             tracing::warn!(cancelled, "shutdown deadline passed; cancelled attempts are released for retry");
-            let _ = tokio::time::timeout(Duration::from_secs(5), permits.acquire_many(all)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), capacity.all_returned()).await;
         }
         drop(shared);
         let _ = completer.await;
@@ -279,7 +299,8 @@ impl Worker {
     }
 
     /// Claims while there is capacity and work; `via` is what woke it.
-    async fn drain(&self, via: DiscoveredVia, permits: &Arc<Semaphore>, shared: &Shared) -> tasker_shared::Result<()> {
+    async fn drain(&self, via: DiscoveredVia, shared: &Shared) -> tasker_shared::Result<()> {
+        let capacity = &shared.context.capacity;
         loop {
             // Attempts give capacity back one by one, often many within
             // microseconds (when the completer takes a batch, every attempt
@@ -287,11 +308,11 @@ impl Worker {
             // ready run first, so that one claim takes what they free.
             tokio::task::yield_now().await;
             // Capacity first: the completer claims too (see `Continuation`).
-            let mut reserved = reserve(permits, usize::MAX);
+            let mut reserved = capacity.reserve(usize::MAX);
             if reserved.is_empty() {
                 shared.context.backlog.store(true, Ordering::Release);
                 // An attempt may have finished before the flag was up; look again.
-                reserved = reserve(permits, usize::MAX);
+                reserved = capacity.reserve(usize::MAX);
                 if reserved.is_empty() {
                     return Ok(());
                 }
@@ -323,11 +344,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// Takes up to `wanted` free permits without waiting.
-fn reserve(permits: &Arc<Semaphore>, wanted: usize) -> Vec<OwnedSemaphorePermit> {
-    std::iter::from_fn(|| Arc::clone(permits).try_acquire_owned().ok()).take(wanted).collect()
 }
 
 /// Starts an attempt per claim (counted in the statistics), each holding one
@@ -368,52 +384,34 @@ async fn start_attempts(
 async fn run_attempt(claim: StepClaim, permit: OwnedSemaphorePermit, shared: &Shared) -> bool {
     let attempt = claim.attempt_ref();
     let cancelled = shared.context.inflight.insert(attempt);
-    if let Some(journal) = &shared.context.journal {
-        journal.record(&claim);
-    }
-    metrics::step_started(&claim.handler);
-    let started = Instant::now();
-
-    let result = match shared.context.registry.get(&claim.handler).cloned() {
-        None => Err(StepError::retryable(format!(
-            "no handler `{}` is registered on this worker (registered: {})",
-            claim.handler,
-            shared.context.registry.names().collect::<Vec<_>>().join(", ")
-        ))),
-        Some(handler) => {
-            let input = StepInput {
-                step_uuid: claim.step_uuid,
-                task_uuid: claim.task_uuid,
-                step_name: claim.name.clone(),
-                attempt: claim.attempt,
-                max_attempts: claim.max_attempts,
-                config: claim.config.clone(),
-                context: claim.task_context.clone(),
-                dependency_results: claim.dependency_results.clone(),
-                cancelled: cancelled.clone(),
-            };
-            // Its own task, so that a panicking handler fails the attempt
-            // instead of the worker.
-            let task = tokio::spawn(handler.run(input));
-            let abort = task.abort_handle();
-            tokio::select! {
-                joined = tokio::time::timeout(claim.timeout(), task) => match joined {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(join)) => Err(StepError::retryable(format!("handler panicked: {join}"))),
-                    Err(_) => {
-                        abort.abort();
-                        Err(StepError::retryable(format!("timed out after {} ms", claim.timeout_ms)))
-                    }
-                },
-                () = cancelled.cancelled() => {
-                    abort.abort();
-                    Err(StepError::retryable("attempt stopped: lease lost, task cancelled, or worker shutting down"))
-                }
+    // A prefetched step waits here for a handler turn, in claim order; its
+    // lease is kept alive meanwhile, and cancelling it stops the wait.
+    let turn = tokio::select! {
+        biased;
+        () = cancelled.cancelled() => None,
+        turn = shared.context.capacity.turn() => Some(turn),
+    };
+    let (result, elapsed) = match turn {
+        None => (
+            Err(StepError::retryable(
+                "attempt stopped before its handler started: lease lost, task cancelled, or worker shutting down",
+            )),
+            Duration::ZERO,
+        ),
+        Some(turn) => {
+            if let Some(journal) = &shared.context.journal {
+                journal.record(&claim);
             }
+            metrics::step_started(&claim.handler);
+            let started = Instant::now();
+            let result = run_handler(&claim, &cancelled, &shared.context.registry).await;
+            let elapsed = started.elapsed();
+            drop(turn);
+            shared.context.capacity.observe(elapsed);
+            metrics::step_duration(&claim.handler, elapsed);
+            (result, elapsed)
         }
     };
-    let elapsed = started.elapsed();
-    metrics::step_duration(&claim.handler, elapsed);
     shared.context.inflight.mark_finished(&attempt);
     let outcome = Outcome {
         attempt,
@@ -429,6 +427,45 @@ async fn run_attempt(claim: StepClaim, permit: OwnedSemaphorePermit, shared: &Sh
         return false;
     }
     true
+}
+
+/// Runs the claim's handler under its timeout, in a task of its own so that
+/// a panic fails the attempt instead of the worker.
+async fn run_handler(claim: &StepClaim, cancelled: &CancellationToken, registry: &HandlerRegistry) -> StepResult {
+    let Some(handler) = registry.get(&claim.handler).cloned() else {
+        return Err(StepError::retryable(format!(
+            "no handler `{}` is registered on this worker (registered: {})",
+            claim.handler,
+            registry.names().collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let input = StepInput {
+        step_uuid: claim.step_uuid,
+        task_uuid: claim.task_uuid,
+        step_name: claim.name.clone(),
+        attempt: claim.attempt,
+        max_attempts: claim.max_attempts,
+        config: claim.config.clone(),
+        context: claim.task_context.clone(),
+        dependency_results: claim.dependency_results.clone(),
+        cancelled: cancelled.clone(),
+    };
+    let task = tokio::spawn(handler.run(input));
+    let abort = task.abort_handle();
+    tokio::select! {
+        joined = tokio::time::timeout(claim.timeout(), task) => match joined {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(StepError::retryable(format!("handler panicked: {join}"))),
+            Err(_) => {
+                abort.abort();
+                Err(StepError::retryable(format!("timed out after {} ms", claim.timeout_ms)))
+            }
+        },
+        () = cancelled.cancelled() => {
+            abort.abort();
+            Err(StepError::retryable("attempt stopped: lease lost, task cancelled, or worker shutting down"))
+        }
+    }
 }
 
 /// Extends the leases of owned attempts every third of the lease; cancels

@@ -138,7 +138,8 @@ async fn a_chain_continues_on_the_completing_worker_in_its_completion_transactio
 /// waits, and claims get no transaction of their own. A step's `in_progress`
 /// row written by the transaction that wrote another step's `complete` row was
 /// claimed that way; only the first claims, and any made when a completion
-/// found too little ready work, are the claim loop's.
+/// found too little ready work, are the claim loop's. (Without prefetch, so
+/// that the worker's capacity is its 4 running attempts.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_completions_claim_the_next_work_in_their_transaction() {
     let db = TestDatabase::create("ride").await.unwrap();
@@ -147,7 +148,10 @@ async fn under_load_completions_claim_the_next_work_in_their_transaction() {
     let api = deployment.api();
     api.publish_template(&templates::single("load", "one", "noop", json!({}), json!({}))).await.unwrap();
     submit_many(&api, "load", "one", 200).await.unwrap();
-    deployment.add(&ServiceSpec::worker("worker-1", "EventDrivenOnly").with("WORKER_CONCURRENCY", "4")).await.unwrap();
+    // No prefetch: with it the claim loop has room beyond the running
+    // attempts and takes the backlog in a few claims of its own.
+    let worker = ServiceSpec::worker("worker-1", "EventDrivenOnly").with("WORKER_CONCURRENCY", "4");
+    deployment.add(&worker.with("WORKER_PREFETCH", "0")).await.unwrap();
     wait_until("200 tasks are final", Duration::from_secs(60), || async { db.final_tasks().await == 200 }).await;
     assert_eq!(db.task_states().await.get("complete"), Some(&200), "{}", deployment.logs());
 
@@ -172,6 +176,71 @@ async fn under_load_completions_claim_the_next_work_in_their_transaction() {
         assert!(status.success(), "{name} exited with {status}");
     }
     db.drop_database().await.unwrap();
+}
+
+/// One-step tasks of `handler` with `config`, submitted before a worker with
+/// `worker_env` starts; returns, once all are complete, the most steps one
+/// transaction claimed and the time from the first claim to the last result.
+async fn run_one_step_tasks(
+    name: &str,
+    tasks: usize,
+    handler_config: serde_json::Value,
+    worker_env: &[(&'static str, &str)],
+) -> (i64, f64) {
+    let db = TestDatabase::create(name).await.unwrap();
+    let mut deployment =
+        Deployment::start(&db, &[ServiceSpec::orchestrator("orch-1", "EventDrivenOnly")]).await.unwrap();
+    let api = deployment.api();
+    api.publish_template(&templates::single(name, "nap", "sleep", handler_config, json!({}))).await.unwrap();
+    submit_many(&api, name, "nap", tasks).await.unwrap();
+    let worker = worker_env.iter().fold(ServiceSpec::worker("worker-1", "EventDrivenOnly"), |w, &(k, v)| w.with(k, v));
+    deployment.add(&worker).await.unwrap();
+    wait_until("every task is final", Duration::from_secs(60), || async { db.final_tasks().await == tasks as i64 })
+        .await;
+    assert_eq!(db.task_states().await.get("complete"), Some(&(tasks as i64)), "{}", deployment.logs());
+    let measured: (i64, f64) = sqlx::query_as(
+        "SELECT (SELECT max(n) FROM (SELECT count(*) AS n FROM tasker.workflow_step_transitions
+                                      WHERE to_state = 'in_progress' GROUP BY xmin::text) per_transaction),
+                (SELECT extract(epoch FROM max(created_at) FILTER (WHERE to_state = 'complete')
+                                           - min(created_at) FILTER (WHERE to_state = 'in_progress')) * 1000
+                 FROM tasker.workflow_step_transitions)::float8",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_each_attempt_ran_once(&db, &deployment).await;
+    db.assert_invariants().await;
+    for (name, status) in deployment.stop_all().await {
+        assert!(status.success(), "{name} exited with {status}");
+    }
+    db.drop_database().await.unwrap();
+    measured
+}
+
+/// Prefetch: a worker of concurrency 2 whose handlers take 20 ms may hold
+/// about 10 claimed steps more (2 x 100 ms / 20 ms, within
+/// `WORKER_PREFETCH=16`), waiting their turn, and still runs 2 at once: some
+/// transaction claims more than 2 steps, and 40 handlers of 20 ms take at
+/// least 40 x 20 / 2 = 400 ms from the first claim to the last result (run
+/// all at once, the 12 held steps would finish in about 4 rounds of 20 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetching_worker_holds_more_steps_than_it_runs_at_once() {
+    let env = [("WORKER_CONCURRENCY", "2"), ("WORKER_PREFETCH", "16"), ("WORKER_PREFETCH_WAIT_MS", "100")];
+    let (most_in_one_claim, span_ms) = run_one_step_tasks("prefetch", 40, json!({"duration_ms": 20}), &env).await;
+    eprintln!("most steps claimed at once {most_in_one_claim}; first claim to last result {span_ms:.0} ms");
+    assert!(most_in_one_claim > 2, "no claim took more than the concurrency ({most_in_one_claim})");
+    assert!(most_in_one_claim <= 18, "a claim took more than concurrency + prefetch ({most_in_one_claim})");
+    assert!(span_ms >= 400.0, "40 x 20 ms handlers, 2 at a time, finished in {span_ms:.0} ms: more ran at once");
+}
+
+/// ... but a worker whose handlers take longer than the prefetch wait (50 ms
+/// against 10 ms) holds no step it cannot start: no transaction claims more
+/// than its concurrency, whatever `WORKER_PREFETCH` allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_slow_handlers_does_not_prefetch() {
+    let env = [("WORKER_CONCURRENCY", "2"), ("WORKER_PREFETCH", "16"), ("WORKER_PREFETCH_WAIT_MS", "10")];
+    let (most_in_one_claim, _) = run_one_step_tasks("noprefetch", 20, json!({"duration_ms": 50}), &env).await;
+    assert!(most_in_one_claim <= 2, "a claim took {most_in_one_claim} steps with handlers slower than the wait");
 }
 
 /// An EventDrivenOnly orchestrator and worker, with `namespace`/`flaky`
