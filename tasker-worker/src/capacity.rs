@@ -12,8 +12,8 @@
 //! so it never sits on steps another worker could start; a worker of
 //! millisecond handlers holds up to `concurrency + prefetch`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -26,6 +26,9 @@ const MEAN_SHIFT: u32 = 3;
 pub struct Capacity {
     /// One permit per step held claimed; `size` in all.
     slots: Arc<Semaphore>,
+    /// Serializes reservations, so that the claim loop and the completer,
+    /// reserving at once, do not both take the same room under the limit.
+    reserving: Mutex<()>,
     size: usize,
     concurrency: usize,
     prefetch: usize,
@@ -47,6 +50,7 @@ impl Capacity {
         let size = concurrency.saturating_add(prefetch).min(Semaphore::MAX_PERMITS);
         Capacity {
             slots: Arc::new(Semaphore::new(size)),
+            reserving: Mutex::new(()),
             size,
             concurrency,
             prefetch,
@@ -93,10 +97,9 @@ impl Capacity {
         self.waiting() + self.concurrency.saturating_sub(self.turns.available_permits())
     }
 
-    /// Up to `wanted` free slots within the limit, without waiting. The
-    /// claim loop and the completer may reserve at the same moment, each
-    /// within the limit it read; the semaphore bounds the sum by `size`.
+    /// Up to `wanted` free slots within the limit, without waiting.
     pub fn reserve(&self, wanted: usize) -> Vec<OwnedSemaphorePermit> {
+        let _one_at_a_time = self.reserving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let room = self.limit().saturating_sub(self.held());
         std::iter::from_fn(|| Arc::clone(&self.slots).try_acquire_owned().ok()).take(wanted.min(room)).collect()
     }
@@ -108,8 +111,8 @@ impl Capacity {
         self.limit().saturating_sub(others).min(own)
     }
 
-    /// Waits for a handler turn (first come, first served: claimed steps
-    /// start in the order they were claimed).
+    /// Waits for a handler turn (first come, first served, in the order the
+    /// attempts ask, which is close to but not exactly the claim order).
     pub async fn turn(&self) -> OwnedSemaphorePermit {
         if let Ok(turn) = Arc::clone(&self.turns).try_acquire_owned() {
             return turn;
