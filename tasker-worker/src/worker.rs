@@ -284,7 +284,11 @@ impl Worker {
             }
         }
 
-        tracing::info!(running = inflight.len(), "worker stopped claiming; waiting for running attempts");
+        tracing::info!(
+            held = inflight.len(),
+            waiting = capacity.waiting(),
+            "worker stopped claiming; waiting for claimed attempts (running or waiting their turn)"
+        );
         let finished = tokio::time::timeout(self.config.shutdown_timeout, capacity.all_returned()).await;
         if finished.is_err() {
             let cancelled = inflight.cancel_all();
@@ -384,8 +388,9 @@ async fn start_attempts(
 async fn run_attempt(claim: StepClaim, permit: OwnedSemaphorePermit, shared: &Shared) -> bool {
     let attempt = claim.attempt_ref();
     let cancelled = shared.context.inflight.insert(attempt);
-    // A prefetched step waits here for a handler turn, in claim order; its
-    // lease is kept alive meanwhile, and cancelling it stops the wait.
+    // A prefetched step waits here for a handler turn (first come, first
+    // served); its lease is kept alive meanwhile, and cancelling it stops
+    // the wait.
     let turn = tokio::select! {
         biased;
         () = cancelled.cancelled() => None,
