@@ -183,6 +183,49 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
     .execute(&pool)
     .await;
     assert_refused(step_history, "23503", "step history naming no step");
+
+    // Step history's key is checked once per statement (0025), over all of its
+    // rows: one row naming no step among rows naming real ones refuses the
+    // whole insert, and none of it is written.
+    let before = history_of(tasks[1]).await;
+    let mixed = sqlx::query(
+        "INSERT INTO tasker.workflow_step_transitions
+             (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
+         SELECT s.step_uuid, s.task_uuid, 0, 'pending', 'enqueued', 'test', 'test'
+         FROM tasker.workflow_steps s WHERE s.task_uuid = $2
+         UNION ALL
+         SELECT $1, $2, 0, 'pending', 'enqueued', 'test', 'test'",
+    )
+    .bind(ghost)
+    .bind(tasks[1])
+    .execute(&pool)
+    .await;
+    assert_refused(mixed, "23503", "a statement with one step history row naming no step");
+    assert_eq!(history_of(tasks[1]).await, before, "nothing of the refused statement was written");
+    assert_invariants(&pool).await;
+
+    // Unlike a foreign key, the check does not lock the step until commit, so
+    // the invariants look for history that names no step. A row written with
+    // triggers disabled (as a restore may run) is reported.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+    sqlx::query(
+        "INSERT INTO tasker.workflow_step_transitions
+             (step_uuid, task_uuid, attempt, from_state, to_state, reason, actor)
+         VALUES ($1, $2, 0, 'pending', 'enqueued', 'test', 'test')",
+    )
+    .bind(ghost)
+    .bind(tasks[1])
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("RESET session_replication_role").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    let violations = tasker_shared::invariants::violations(&pool).await.unwrap();
+    assert!(
+        violations.iter().any(|v| v.invariant == "step history names an existing step" && v.subject == ghost),
+        "a step history row naming no step is reported: {violations:#?}"
+    );
 }
 
 /// The guard triggers' edge lists (0017; one array since 0019) are what

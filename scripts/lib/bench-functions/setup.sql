@@ -1,7 +1,7 @@
 -- bench-functions: :tasks four-step diamonds (a before b and c, both before
 -- d), started, so their roots are enqueued. Replaces what an earlier run left.
 SET client_min_messages = warning;
-TRUNCATE tasker.tasks CASCADE;
+TRUNCATE tasker.tasks, tasker.workflow_step_transitions CASCADE;
 INSERT INTO tasker.namespaces VALUES ('bench') ON CONFLICT DO NOTHING;
 INSERT INTO tasker.task_templates (namespace, name, version, definition)
 SELECT 'bench', 'diamond', '1.0.0',
