@@ -9,7 +9,7 @@
 //! again elsewhere without waiting for its lease.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -202,7 +202,11 @@ impl AttemptContext {
     /// After permits were given back: wakes the claim loop if it stopped for
     /// lack of capacity.
     fn released(&self) {
-        if self.backlog.load(Ordering::Acquire) {
+        // The other half of the claim loop's store-then-look (see `drain`):
+        // permits returned, then the flag read, with a SeqCst fence between,
+        // so at least one side sees the other's write on any memory model.
+        fence(Ordering::SeqCst);
+        if self.backlog.load(Ordering::SeqCst) {
             self.discovery.wake(DiscoveredVia::Event);
         }
     }
@@ -314,8 +318,14 @@ impl Worker {
             // Capacity first: the completer claims too (see `Continuation`).
             let mut reserved = capacity.reserve(usize::MAX);
             if reserved.is_empty() {
-                shared.context.backlog.store(true, Ordering::Release);
-                // An attempt may have finished before the flag was up; look again.
+                shared.context.backlog.store(true, Ordering::SeqCst);
+                // An attempt may have finished before the flag was up; look
+                // again. The fence orders the flag's store before this look,
+                // as `released` orders its permits before its read of the
+                // flag: without both, each side could miss the other's write
+                // (allowed on weakly ordered CPUs), and the loop would sleep
+                // with capacity free and work waiting.
+                fence(Ordering::SeqCst);
                 reserved = capacity.reserve(usize::MAX);
                 if reserved.is_empty() {
                     return Ok(());
