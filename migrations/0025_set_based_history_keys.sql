@@ -18,7 +18,14 @@
 --     steps of the inserted rows by key (a scalar subquery per row, never a
 --     join the planner could turn into a scan);
 --   - deleting a step (by the cascade from its task, as retention does)
---     deletes its history, in one statement per deleting statement.
+--     deletes its history, in one statement per deleting statement (the
+--     cascade's deletes count as part of the statement that caused them, so
+--     a retention batch of many tasks is one trigger call); truncating the
+--     steps truncates their history.
+--
+-- Neither refuses a change of a step's key (no code changes one), and a
+-- data-only restore must load the steps before their history or run with
+-- triggers disabled.
 --
 -- What the key did and this does not: lock the step against a concurrent
 -- delete between the check and the commit. Every writer of step history is
@@ -67,6 +74,20 @@ CREATE TRIGGER workflow_steps_delete_history
     AFTER DELETE ON tasker.workflow_steps
     REFERENCING OLD TABLE AS deleted_steps
     FOR EACH STATEMENT EXECUTE FUNCTION tasker.delete_history_of_deleted_steps();
+
+-- TRUNCATE does not fire delete triggers; the key made `TRUNCATE ... CASCADE`
+-- of the steps (or of the tasks) empty the history too, and so does this.
+CREATE FUNCTION tasker.truncate_history_of_steps() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE tasker.workflow_step_transitions;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER workflow_steps_truncate_history
+    AFTER TRUNCATE ON tasker.workflow_steps
+    FOR EACH STATEMENT EXECUTE FUNCTION tasker.truncate_history_of_steps();
 
 -- invariant_violations() gains: 8. Step history names an existing step.
 CREATE OR REPLACE FUNCTION tasker.invariant_violations()

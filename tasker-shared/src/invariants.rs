@@ -1,5 +1,6 @@
 //! The database's invariants, checked by `tasker.invariant_violations()`
-//! (`migrations/0007_invariants.sql`; documented in `docs/testing.md`).
+//! (`migrations/0007_invariants.sql`, extended by
+//! `migrations/0025_set_based_history_keys.sql`; documented in `docs/testing.md`).
 
 use sqlx::PgExecutor;
 use uuid::Uuid;

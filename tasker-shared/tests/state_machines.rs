@@ -125,7 +125,7 @@ async fn sql_guards_reject_every_transition_not_in_the_table(pool: PgPool) {
 async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPool) {
     let t = diamond("history");
     publish(&pool, &t).await;
-    let tasks = submit(&pool, &t, 2).await;
+    let tasks = submit(&pool, &t, 3).await;
     enqueue_pass(&pool, ORCH).await;
     // (task history rows, step history rows) of a task.
     let history_of = |task: Uuid| {
@@ -155,9 +155,15 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
         assert_refused(sqlx::query(statement).execute(&pool).await, "TK003", statement);
     }
 
-    // Deleting a task (as retention does) takes its steps and all their history.
-    sqlx::query("DELETE FROM tasker.tasks WHERE task_uuid = $1").bind(tasks[0]).execute(&pool).await.unwrap();
+    // Deleting tasks (as retention does, many in one statement) takes their
+    // steps and all their history.
+    sqlx::query("DELETE FROM tasker.tasks WHERE task_uuid = ANY($1)")
+        .bind([tasks[0], tasks[2]])
+        .execute(&pool)
+        .await
+        .unwrap();
     assert_eq!(history_of(tasks[0]).await, (0, 0), "history went with its task");
+    assert_eq!(history_of(tasks[2]).await, (0, 0), "history went with its task, deleted in the same statement");
     let (task_rows, step_rows) = history_of(tasks[1]).await;
     assert!(task_rows > 0 && step_rows > 0, "other tasks keep theirs");
     assert_invariants(&pool).await;
@@ -226,6 +232,13 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
         violations.iter().any(|v| v.invariant == "step history names an existing step" && v.subject == ghost),
         "a step history row naming no step is reported: {violations:#?}"
     );
+
+    // Truncating the tasks (and so, by cascade, the steps) truncates the step
+    // history too, as the foreign key's cascade did.
+    sqlx::query("TRUNCATE tasker.tasks CASCADE").execute(&pool).await.unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_step_transitions").fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0, "step history went with the truncated steps");
 }
 
 /// The guard triggers' edge lists (0017; one array since 0019) are what
