@@ -243,10 +243,13 @@ pub async fn claim_steps(
     claim(executor, worker_id, namespace, limit, lease, discovered_via, None).await
 }
 
-/// In the transaction whose completions enqueued `dependents`: claims up to
-/// `limit` of them, continuing their tasks, unless a step of higher priority
-/// (not among them) waits where this worker claims from, and fills the rest
-/// of `limit` as [`claim_steps`] does.
+/// In the transaction whose completions enqueued `dependents` and started
+/// `started` for this worker ([`crate::step_result::StartDependents`]):
+/// returns the started ones as claims, then claims up to `limit` more: the
+/// enqueued dependents first, continuing their tasks, unless a step of
+/// higher priority (not among them) waits where this worker claims from, and
+/// the rest of `limit` as [`claim_steps`] does. `limit` may be 0 when
+/// `started` is not empty.
 pub async fn claim_dependents(
     executor: impl PgExecutor<'_>,
     worker_id: &str,
@@ -254,9 +257,19 @@ pub async fn claim_dependents(
     limit: i32,
     lease: Duration,
     dependents: &[Uuid],
+    started: &[Uuid],
 ) -> Result<Vec<StepClaim>> {
     // Found by the completion itself: as good as a notification.
-    claim(executor, worker_id, namespace, limit, lease, DiscoveredVia::Event, Some(dependents)).await
+    let continuing = Continuing { prefer: dependents, started };
+    claim(executor, worker_id, namespace, limit, lease, DiscoveredVia::Event, Some(continuing)).await
+}
+
+/// What a completion's own claim continues: the dependents it enqueued
+/// (preferred) and those it started.
+#[derive(Clone, Copy)]
+struct Continuing<'a> {
+    prefer: &'a [Uuid],
+    started: &'a [Uuid],
 }
 
 async fn claim(
@@ -266,8 +279,10 @@ async fn claim(
     limit: i32,
     lease: Duration,
     discovered_via: DiscoveredVia,
-    prefer: Option<&[Uuid]>,
+    continuing: Option<Continuing<'_>>,
 ) -> Result<Vec<StepClaim>> {
+    let prefer = continuing.map(|c| c.prefer);
+    let started = continuing.map(|c| c.started).filter(|started| !started.is_empty());
     let claims = sqlx::query_as!(
         StepClaim,
         r#"SELECT step_uuid AS "step_uuid!", task_uuid AS "task_uuid!", namespace AS "namespace!",
@@ -275,13 +290,14 @@ async fn claim(
                   attempt AS "attempt!", max_attempts AS "max_attempts!", timeout_ms AS "timeout_ms!",
                   lease_expires_at AS "lease_expires_at!", task_context AS "task_context!",
                   dependency_results AS "dependency_results!", enqueued_at, claimed_at AS "claimed_at!"
-           FROM tasker.claim_steps($1, $2, $3, $4, $5, $6)"#,
+           FROM tasker.claim_steps($1, $2, $3, $4, $5, $6, $7)"#,
         worker_id,
         namespace.map(Identifier::as_str),
         limit,
         lease as Duration,
         discovered_via.as_str(),
         prefer,
+        started,
     )
     .fetch_all(executor)
     .await?;

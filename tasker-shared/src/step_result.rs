@@ -8,12 +8,15 @@
 //! whose last step it was; an outcome that leaves work for the orchestrator
 //! (a failure, a task it may not finalize) wakes the task.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use crate::claim::{AttemptRef, StepClaim};
 use crate::error::Result;
+use crate::identifier::Identifier;
 use crate::state_machine::StepState;
 
 /// A successful attempt and its result.
@@ -49,6 +52,10 @@ pub struct Recorded {
     /// transaction; one with several parents in the call is credited to one
     /// of them); none for failures.
     pub enqueued_dependents: Vec<Uuid>,
+    /// Dependents this completion made runnable and started at once for the
+    /// caller, under [`StartDependents`] (credited as the enqueued ones are):
+    /// [`crate::claim::claim_dependents`] returns them as claims.
+    pub started_dependents: Vec<Uuid>,
     /// Whether its task was woken for its orchestrator by this call (false
     /// when rejected).
     pub task_woken: bool,
@@ -70,6 +77,23 @@ pub enum Announce {
     Later,
 }
 
+/// The claim a completion makes for its worker: up to `limit` of the
+/// dependents it makes runnable start at once (pending to in progress, one
+/// update each), where the worker claims from (`namespace`; any when `None`),
+/// unless an enqueued step of higher priority waits there. The rest are
+/// enqueued. Each started one is an attempt of the worker's under `lease`,
+/// and the caller must take it up with [`crate::claim::claim_dependents`] in
+/// the same transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct StartDependents<'a> {
+    /// At most this many.
+    pub limit: usize,
+    /// Where the worker claims from.
+    pub namespace: Option<&'a Identifier>,
+    /// The started attempts' lease.
+    pub lease: Duration,
+}
+
 /// Records successful attempts (`tasker.complete_steps`), in one statement,
 /// announcing the dependents they enqueue.
 pub async fn complete_steps(
@@ -77,29 +101,36 @@ pub async fn complete_steps(
     worker_id: &str,
     successes: &[Success],
 ) -> Result<Vec<Recorded>> {
-    record_successes(executor, worker_id, successes, Announce::Now).await
+    record_successes(executor, worker_id, successes, Announce::Now, None).await
 }
 
 /// Records successful attempts, in one statement; `announce` says who
-/// announces the dependents they enqueue.
+/// announces the dependents they enqueue, and `start` which of them start at
+/// once for the caller.
 pub async fn record_successes(
     executor: impl PgExecutor<'_>,
     worker_id: &str,
     successes: &[Success],
     announce: Announce,
+    start: Option<StartDependents<'_>>,
 ) -> Result<Vec<Recorded>> {
     let uuids: Vec<Uuid> = successes.iter().map(|s| s.attempt.step_uuid).collect();
     let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.attempt).collect();
     let results: Vec<serde_json::Value> = successes.iter().map(|s| s.result.clone()).collect();
+    let start_limit = start.map_or(0, |s| i32::try_from(s.limit).unwrap_or(i32::MAX));
     let rows = sqlx::query!(
         r#"SELECT step_uuid AS "step_uuid!", accepted AS "accepted!", enqueued_dependents AS "enqueued_dependents!",
-                  task_woken AS "task_woken!", task_finalized AS "task_finalized!", task_created_at
-           FROM tasker.complete_steps($1, $2, $3, $4, $5)"#,
+                  task_woken AS "task_woken!", task_finalized AS "task_finalized!", task_created_at,
+                  started_dependents AS "started_dependents!"
+           FROM tasker.complete_steps($1, $2, $3, $4, $5, $6, $7, $8)"#,
         worker_id,
         &uuids,
         &attempts,
         &results,
         announce == Announce::Now,
+        start_limit,
+        start.and_then(|s| s.namespace).map(Identifier::as_str),
+        start.map(|s| s.lease) as Option<Duration>,
     )
     .fetch_all(executor)
     .await?;
@@ -110,6 +141,7 @@ pub async fn record_successes(
             accepted: r.accepted,
             state: r.accepted.then_some(StepState::Complete),
             enqueued_dependents: r.enqueued_dependents,
+            started_dependents: r.started_dependents,
             task_woken: r.task_woken,
             task_finalized: r.task_finalized,
             task_created_at: r.task_created_at,
@@ -162,6 +194,7 @@ pub async fn fail_steps(executor: impl PgExecutor<'_>, worker_id: &str, failures
             accepted: r.accepted,
             state: r.state,
             enqueued_dependents: Vec::new(),
+            started_dependents: Vec::new(),
             task_woken: r.accepted,
             task_finalized: false,
             task_created_at: None,

@@ -14,7 +14,7 @@ use support::*;
 use tasker_shared::claim::{self, AttemptRef, DiscoveredVia, Release};
 use tasker_shared::finalize;
 use tasker_shared::state_machine::{StepState, TaskState};
-use tasker_shared::step_result::{self, Announce, Failure, Success};
+use tasker_shared::step_result::{self, Announce, Failure, StartDependents, Success};
 use uuid::Uuid;
 
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
@@ -527,10 +527,11 @@ async fn a_last_completion_does_not_finalize_a_task_an_orchestrator_holds_but_wa
     assert!(f.finalized, "{f:?}");
 }
 
-/// A completion's own claim (`claim_dependents`) takes the dependents it just
-/// enqueued, though older work of the same priority waits, so it leaves
-/// nothing to announce; but a step of higher priority goes first, and the
-/// dependent left behind is announced.
+/// A completion starts the dependent it makes runnable for its worker
+/// (`StartDependents`), though older work of the same priority waits, so it
+/// leaves nothing to announce; but while a step of higher priority waits,
+/// the dependent is enqueued, the worker's claim (`claim_dependents`) takes
+/// the urgent step first, and the dependent left behind is announced.
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(pool: PgPool) {
     let t = template("cont", "chain", &[("a", &[]), ("b", &["a"])]);
@@ -543,19 +544,34 @@ async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(
     let continue_with = async |root: &tasker_shared::claim::StepClaim, limit: i32| {
         let mut tx = pool.begin().await.unwrap();
         let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
-        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
-        let dependents = recorded[0].enqueued_dependents.clone();
-        assert_eq!(dependents.len(), 1, "{recorded:?}");
-        let claimed = claim::claim_dependents(&mut *tx, "w", None, limit, LEASE, &dependents).await.unwrap();
+        let start = StartDependents { limit: limit as usize, namespace: None, lease: LEASE };
+        let recorded =
+            step_result::record_successes(&mut *tx, "w", &[success], Announce::Later, Some(start)).await.unwrap();
+        let (dependents, started) = (recorded[0].enqueued_dependents.clone(), recorded[0].started_dependents.clone());
+        assert_eq!(dependents.len() + started.len(), 1, "{recorded:?}");
+        let room = limit - started.len() as i32;
+        let claimed = claim::claim_dependents(&mut *tx, "w", None, room, LEASE, &dependents, &started).await.unwrap();
         let announced = step_result::announce_left(&mut *tx, &recorded, &claimed).await.unwrap();
         tx.commit().await.unwrap();
-        (claimed, announced)
+        (claimed, announced, started)
     };
 
-    let (claimed, announced) = continue_with(&roots[0], 1).await;
+    let (claimed, announced, started) = continue_with(&roots[0], 1).await;
     assert_eq!(claimed.len(), 1);
     assert_eq!((claimed[0].task_uuid, claimed[0].name.as_str()), (roots[0].task_uuid, "b"), "its own dependent");
+    assert_eq!(started, [claimed[0].step_uuid], "started by the completion itself");
     assert_eq!(announced, 0, "nothing left to announce");
+    // One update and one history row: pending -> in_progress, attempt 1.
+    let history: Vec<(Option<String>, String, i32)> = sqlx::query_as(
+        "SELECT from_state, to_state, attempt FROM tasker.workflow_step_transitions
+         WHERE step_uuid = $1 ORDER BY transition_id",
+    )
+    .bind(claimed[0].step_uuid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(history, [(Some("pending".to_string()), "in_progress".to_string(), 1)]);
+    assert_eq!(claimed[0].attempt, 1);
 
     let mut urgent = new_task(&t);
     urgent.priority = 7;
@@ -568,7 +584,8 @@ async fn a_completion_continues_its_own_tasks_unless_higher_priority_work_waits(
     enqueue_pass(&pool, ORCH).await;
     // Room for two: the urgent root, then the rest in the usual order (the
     // third task's root is older than the dependent just enqueued).
-    let (claimed, announced) = continue_with(&roots[1], 2).await;
+    let (claimed, announced, started) = continue_with(&roots[1], 2).await;
+    assert!(started.is_empty(), "the dependent waits behind the urgent step: {started:?}");
     let got: Vec<(Uuid, &str)> = claimed.iter().map(|c| (c.task_uuid, c.name.as_str())).collect();
     assert_eq!(got.len(), 2, "{got:?}");
     assert!(got.contains(&(created[0].task_uuid, "a")), "higher priority first: {got:?}");
@@ -627,9 +644,13 @@ async fn a_namespace_workers_continuation_reads_only_its_namespace(pool: PgPool)
         };
         let before = fetched(&mut tx).await;
         let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
-        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
-        let dependents = recorded[0].enqueued_dependents.clone();
-        let claimed = claim::claim_dependents(&mut *tx, "w", Some(&mine), 1, LEASE, &dependents).await.unwrap();
+        let start = StartDependents { limit: 1, namespace: Some(&mine), lease: LEASE };
+        let recorded =
+            step_result::record_successes(&mut *tx, "w", &[success], Announce::Later, Some(start)).await.unwrap();
+        let (dependents, started) = (recorded[0].enqueued_dependents.clone(), recorded[0].started_dependents.clone());
+        let room = 1 - started.len() as i32;
+        let claimed =
+            claim::claim_dependents(&mut *tx, "w", Some(&mine), room, LEASE, &dependents, &started).await.unwrap();
         let read = fetched(&mut tx).await - before;
         tx.commit().await.unwrap();
         (claimed, read)
@@ -681,11 +702,14 @@ async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPo
         let root = roots.iter().find(|r| r.task_uuid == task).unwrap();
         let mut tx = pool.begin().await.unwrap();
         let success = Success { attempt: root.attempt_ref(), result: serde_json::json!("a") };
-        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later).await.unwrap();
-        assert!(recorded[0].accepted && recorded[0].enqueued_dependents.len() == 3, "{recorded:?}");
-        let dependents = recorded[0].enqueued_dependents.clone();
+        let start = (limit > 0).then_some(StartDependents { limit: limit as usize, namespace: None, lease: LEASE });
+        let recorded = step_result::record_successes(&mut *tx, "w", &[success], Announce::Later, start).await.unwrap();
+        let (dependents, started) = (recorded[0].enqueued_dependents.clone(), recorded[0].started_dependents.clone());
+        assert!(recorded[0].accepted && dependents.len() + started.len() == 3, "{recorded:?}");
+        assert_eq!(started.len(), limit as usize, "{recorded:?}");
         let claimed = if limit > 0 {
-            claim::claim_dependents(&mut *tx, "w", None, limit, LEASE, &dependents).await.unwrap()
+            let room = limit - started.len() as i32;
+            claim::claim_dependents(&mut *tx, "w", None, room, LEASE, &dependents, &started).await.unwrap()
         } else {
             Vec::new()
         };

@@ -294,21 +294,27 @@ async fn run_diamonds_on(conn: &mut sqlx::PgConnection, t: &tasker_shared::templ
 }
 
 /// What a worker's completer does with room for `room` more steps: records
-/// `claims` leaving the announcement to itself, claims the dependents they
-/// enqueued, and announces those it left. Returns what it claimed and how
-/// many channels it notified.
+/// `claims` leaving the announcement to itself and starting up to `room` of
+/// the dependents they make runnable, claims those and the enqueued ones it
+/// still has room for, and announces those it left. Returns what it claimed
+/// and how many channels it notified.
 async fn complete_and_continue(
     conn: &mut sqlx::PgConnection,
     claims: &[tasker_shared::claim::StepClaim],
     room: i32,
 ) -> (Vec<tasker_shared::claim::StepClaim>, u64) {
     use tasker_shared::claim;
-    use tasker_shared::step_result::Announce;
+    use tasker_shared::step_result::{Announce, StartDependents};
 
-    let recorded = step_result::record_successes(&mut *conn, "w", &successes(claims), Announce::Later).await.unwrap();
+    let start = StartDependents { limit: room as usize, namespace: None, lease: LEASE };
+    let recorded =
+        step_result::record_successes(&mut *conn, "w", &successes(claims), Announce::Later, Some(start)).await.unwrap();
     assert!(recorded.iter().all(|r| r.accepted), "{recorded:?}");
     let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
-    let claimed = claim::claim_dependents(&mut *conn, "w", None, room, LEASE, &dependents).await.unwrap();
+    let started: Vec<Uuid> = recorded.iter().flat_map(|r| r.started_dependents.iter().copied()).collect();
+    let room = room - started.len() as i32;
+    let claimed = claim::claim_dependents(&mut *conn, "w", None, room, LEASE, &dependents, &started).await.unwrap();
+    assert_eq!(claimed.iter().filter(|c| started.contains(&c.step_uuid)).count(), started.len(), "{claimed:?}");
     let announced = step_result::announce_left(&mut *conn, &recorded, &claimed).await.unwrap();
     (claimed, announced)
 }

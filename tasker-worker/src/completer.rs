@@ -21,7 +21,7 @@ use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::state_machine::TaskState;
-use tasker_shared::step_result::{self, Announce, Failure, Recorded, Success};
+use tasker_shared::step_result::{self, Announce, Failure, Recorded, StartDependents, Success};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use uuid::Uuid;
 
@@ -177,17 +177,21 @@ struct Completed {
 }
 
 /// Records successes and, in the same transaction, claims work with the
-/// batch's `capacity` (0 once shutdown began), topped up with free slots when
-/// the dependents it enqueued need more, or, when the claim loop is waiting
-/// for capacity, with every free slot the worker's limit allows (which grows
-/// as the handlers' times let it prefetch): those dependents first,
-/// continuing their tasks, unless a step of higher priority waits, then any
-/// ready step (`claim_dependents`). It claims only when it enqueued
-/// dependents or the claim loop is waiting for capacity (so an idle worker
-/// does not look for work twice). The dependents it leaves, and only those,
-/// are announced to other workers (`announce_left`: no call when it took
-/// them all). With no capacity at all the completion announces what it
-/// enqueues itself, and there is no announcement call.
+/// batch's `capacity` (0 once shutdown began). The completion itself starts
+/// up to `capacity` of the dependents it makes runnable, for this worker
+/// (`StartDependents`: one update a step, continuing their tasks, unless a
+/// step of higher priority waits where the worker claims from); the claim
+/// then takes those up and fills what is left of `capacity`, topped up with
+/// free slots when the dependents it enqueued need more, or, when the claim
+/// loop is waiting for capacity, with every free slot the worker's limit
+/// allows (which grows as the handlers' times let it prefetch): the enqueued
+/// dependents first, then any ready step (`claim_dependents`). It claims
+/// beyond the started ones only when it enqueued dependents or the claim
+/// loop is waiting for capacity (so an idle worker does not look for work
+/// twice). The dependents it leaves, and only those, are announced to other
+/// workers (`announce_left`: no call when it took them all). With no
+/// capacity at all the completion announces what it enqueues itself, and
+/// there is no announcement call.
 async fn complete(
     pool: &PgPool,
     worker_id: &str,
@@ -196,21 +200,25 @@ async fn complete(
     capacity: usize,
 ) -> tasker_shared::Result<Completed> {
     let mut tx = pool.begin().await?;
-    let announce = if capacity > 0 { Announce::Later } else { Announce::Now };
-    let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce).await?;
-    let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
+    let (namespace, lease) = (continuation.namespace(), continuation.lease());
+    let (announce, start) = match capacity {
+        0 => (Announce::Now, None),
+        limit => (Announce::Later, Some(StartDependents { limit, namespace, lease })),
+    };
+    let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce, start).await?;
+    let started: Vec<Uuid> = recorded.iter().flat_map(|r| r.started_dependents.iter().copied()).collect();
+    let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
+    let room = capacity.saturating_sub(started.len());
     let backlog = continuation.backlog();
     let extra = match (capacity, backlog) {
         (0, _) => Vec::new(),
         (_, true) => continuation.take_free(usize::MAX),
-        (_, false) => continuation.take_free(enqueued.saturating_sub(capacity)),
+        (_, false) => continuation.take_free(dependents.len().saturating_sub(room)),
     };
-    let limit = capacity + extra.len();
-    let claimed = if limit > 0 && (enqueued > 0 || backlog) {
+    let limit = room + extra.len();
+    let claimed = if !started.is_empty() || (limit > 0 && (!dependents.is_empty() || backlog)) {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
-        let (namespace, lease) = (continuation.namespace(), continuation.lease());
-        claim::claim_dependents(&mut *tx, worker_id, namespace, limit, lease, &dependents).await?
+        claim::claim_dependents(&mut *tx, worker_id, namespace, limit, lease, &dependents, &started).await?
     } else {
         Vec::new()
     };
@@ -261,7 +269,8 @@ async fn account(
             }
         }
     }
-    let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len()).sum();
+    // Started dependents were enqueued and claimed at once.
+    let enqueued: usize = recorded.iter().map(|r| r.enqueued_dependents.len() + r.started_dependents.len()).sum();
     if enqueued > 0 {
         metrics::counter_by(names::STEPS_ENQUEUED, enqueued as u64);
         // The completion itself notifies each namespace it enqueued in.

@@ -73,12 +73,13 @@ async fn hybrid_runs_500_diamonds_each_step_once() {
     diamonds_complete_with_each_step_run_once("Hybrid").await;
 }
 
-/// Along a chain, the worker that completes a step claims the next one in the
-/// same transaction (no claim transaction or notification round trip of its
-/// own): the dependent's `enqueued` and `in_progress` history rows are written
-/// by one transaction. Tasks run one at a time, so the dependent is the only
+/// Along a chain, the worker that completes a step starts the next one in the
+/// same statement (no claim transaction or notification round trip of its
+/// own): the dependent's one history row, `pending -> in_progress`, is
+/// written by the transaction that recorded its parent's result, and it has
+/// no `enqueued` row. Tasks run one at a time, so the dependent is the only
 /// runnable step when its parent completes, and two workers compete for it.
-/// The completion claims with the capacity its own attempt held, which no
+/// The completion starts it with the capacity its own attempt held, which no
 /// claim loop can have taken, so every hop continues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_continues_on_the_completing_worker_in_its_completion_transaction() {
@@ -101,29 +102,30 @@ async fn a_chain_continues_on_the_completing_worker_in_its_completion_transactio
     }
     assert_eq!(db.task_states().await.get("complete"), Some(&10), "{}", deployment.logs());
 
-    // Per dependent: did one transaction enqueue and start it, and was that
-    // the transaction that recorded its parent's result?
-    let hops: Vec<(String, bool, bool)> = sqlx::query_as(
-        "SELECT s.name,
-                e.xmin::text = r.xmin::text,
-                e.xmin::text = (SELECT c.xmin::text FROM tasker.workflow_step_transitions c
+    // Per dependent: how it started, whether it was ever enqueued on its
+    // own, and whether the transaction that recorded its parent's result
+    // started it.
+    let hops: Vec<(String, String, bool, bool)> = sqlx::query_as(
+        "SELECT s.name, r.from_state,
+                EXISTS (SELECT 1 FROM tasker.workflow_step_transitions e
+                        WHERE e.step_uuid = s.step_uuid AND e.to_state = 'enqueued'),
+                r.xmin::text = (SELECT c.xmin::text FROM tasker.workflow_step_transitions c
                                 JOIN tasker.workflow_step_edges ed ON ed.from_step_uuid = c.step_uuid
                                 WHERE ed.to_step_uuid = s.step_uuid AND c.to_state = 'complete')
          FROM tasker.workflow_steps s
-         JOIN tasker.workflow_step_transitions e ON e.step_uuid = s.step_uuid AND e.to_state = 'enqueued'
          JOIN tasker.workflow_step_transitions r ON r.step_uuid = s.step_uuid AND r.to_state = 'in_progress'
          WHERE s.name <> 'a'",
     )
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert_eq!(hops.len(), 30, "b, c and d of 10 tasks, each enqueued and started once");
-    for (name, _, enqueued_with_parent) in &hops {
-        assert!(enqueued_with_parent, "{name} was not enqueued by its parent's completion: {hops:?}");
+    assert_eq!(hops.len(), 30, "b, c and d of 10 tasks, each started once");
+    for (name, _, _, started_with_parent) in &hops {
+        assert!(started_with_parent, "{name} was not started by its parent's completion: {hops:?}");
     }
-    let continued = hops.iter().filter(|(_, started_with_enqueue, _)| *started_with_enqueue).count();
-    eprintln!("{continued} of 30 hops continued in the completion's transaction");
-    assert_eq!(continued, 30, "hops that did not continue in the completion's transaction: {hops:?}");
+    let continued = hops.iter().filter(|(_, from, enqueued, _)| from == "pending" && !enqueued).count();
+    eprintln!("{continued} of 30 hops continued in the completion's statement");
+    assert_eq!(continued, 30, "hops that were enqueued and claimed separately: {hops:?}");
     assert_each_attempt_ran_once(&db, &deployment).await;
     db.assert_invariants().await;
     for (name, status) in deployment.stop_all().await {

@@ -104,7 +104,9 @@ pub struct Breakdown {
     /// pass).
     pub submit_to_enqueued_ms: Percentiles,
     /// Step enqueued to a worker's claim of it: the enqueuing commit, the
-    /// notification, and the claim.
+    /// notification, and the claim. A dependent its parent's completion
+    /// started for its own worker (pending to in progress in one statement)
+    /// counts as 0.
     pub enqueued_to_claimed_ms: Percentiles,
     /// Step claimed to its result recorded: the claim's commit, the handler,
     /// and the completer's statement up to its write.
@@ -128,11 +130,12 @@ impl Breakdown {
             .await?,
             enqueued_to_claimed_ms: percentiles(
                 pool,
-                "SELECT extract(epoch FROM s.created_at - e.created_at) * 1000
+                "SELECT coalesce(extract(epoch FROM s.created_at - e.created_at) * 1000, 0)
                  FROM tasker.workflow_step_transitions s
-                 JOIN tasker.workflow_step_transitions e
+                 LEFT JOIN tasker.workflow_step_transitions e
                    ON e.step_uuid = s.step_uuid AND e.to_state = 'enqueued' AND e.attempt = 0
-                 WHERE s.to_state = 'in_progress' AND s.attempt = 1",
+                 WHERE s.to_state = 'in_progress' AND s.attempt = 1
+                   AND (s.from_state = 'pending' OR e.step_uuid IS NOT NULL)",
             )
             .await?,
             claimed_to_completed_ms: percentiles(

@@ -30,6 +30,9 @@ text_enum! {
         Enqueue => "enqueue",
         /// Claimed by a worker: a new attempt starts.
         Start => "start",
+        /// Made runnable by a completion whose worker starts it in the same
+        /// statement: enqueued and claimed at once, a new attempt starts.
+        Continue => "continue",
         /// The attempt succeeded.
         Complete => "complete",
         /// The attempt failed and will be retried.
@@ -48,6 +51,7 @@ impl StepState {
         use StepState as S;
         &[
             (S::Pending, E::Enqueue, S::Enqueued),
+            (S::Pending, E::Continue, S::InProgress),
             (S::Pending, E::Cancel, S::Cancelled),
             (S::Enqueued, E::Start, S::InProgress),
             (S::Enqueued, E::Cancel, S::Cancelled),
