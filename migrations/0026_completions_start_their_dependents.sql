@@ -341,7 +341,7 @@ BEGIN
     -- attempts its completion started.
     IF p_limit IS NULL OR p_limit < 0 OR (p_limit = 0 AND coalesce(cardinality(p_started), 0) = 0)
        OR p_lease IS NULL OR p_lease <= interval '0' OR coalesce(p_worker_id, '') = '' THEN
-        RAISE EXCEPTION 'claim_steps needs a worker id, a positive limit and a positive lease'
+        RAISE EXCEPTION 'claim_steps needs a worker id, a positive limit (0 only beside started steps) and a positive lease'
             USING ERRCODE = '22023';
     END IF;
 

@@ -186,7 +186,7 @@ struct Completed {
 /// loop is waiting for capacity, with every free slot the worker's limit
 /// allows (which grows as the handlers' times let it prefetch): the enqueued
 /// dependents first, then any ready step (`claim_dependents`). It claims
-/// beyond the started ones only when it enqueued dependents or the claim
+/// only when the completion started or enqueued dependents or the claim
 /// loop is waiting for capacity (so an idle worker does not look for work
 /// twice). The dependents it leaves, and only those, are announced to other
 /// workers (`announce_left`: no call when it took them all). With no
