@@ -378,9 +378,7 @@ BEGIN
     -- The rest of the limit in priority order, as always; two spellings so
     -- each can use the claimable index as well as it allows. (SKIP LOCKED
     -- does not skip the rows this transaction locked: exclude those taken.)
-    IF p_limit = 0 THEN
-        NULL;
-    ELSIF coalesce(cardinality(candidates), 0) < p_limit AND p_namespace IS NULL THEN
+    IF coalesce(cardinality(candidates), 0) < p_limit AND p_namespace IS NULL THEN
         candidates := coalesce(candidates, '{}') || ARRAY(
             SELECT s.step_uuid FROM tasker.workflow_steps s
             WHERE s.state = 'enqueued' AND NOT s.step_uuid = ANY (coalesce(candidates, '{}'))

@@ -282,7 +282,7 @@ async fn claim(
     continuing: Option<Continuing<'_>>,
 ) -> Result<Vec<StepClaim>> {
     let prefer = continuing.map(|c| c.prefer);
-    let started = continuing.map(|c| c.started).filter(|started| !started.is_empty());
+    let started = continuing.map(|c| c.started);
     let claims = sqlx::query_as!(
         StepClaim,
         r#"SELECT step_uuid AS "step_uuid!", task_uuid AS "task_uuid!", namespace AS "namespace!",
