@@ -444,10 +444,12 @@ async fn history_is_written_to_one_index_and_read_through_it(pool: PgPool) {
     for _ in 0..30 {
         run_diamonds_on(&mut conn, &t, 30).await;
     }
-    sqlx::query("ANALYZE tasker.tasks, tasker.workflow_steps, tasker.task_transitions, tasker.workflow_step_transitions")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    sqlx::query(
+        "ANALYZE tasker.tasks, tasker.workflow_steps, tasker.task_transitions, tasker.workflow_step_transitions",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
 
     let indexes: Vec<(String, String)> = sqlx::query_as(
         "SELECT c.relname::text, pg_get_indexdef(i.indexrelid)
@@ -461,7 +463,9 @@ async fn history_is_written_to_one_index_and_read_through_it(pool: PgPool) {
     .unwrap();
     assert_eq!(indexes.len(), 2, "one index per history table: {indexes:?}");
     assert!(indexes[0].1.contains("task_transitions_pkey") && indexes[0].1.contains("(task_uuid, transition_id)"));
-    assert!(indexes[1].1.contains("workflow_step_transitions_pkey") && indexes[1].1.contains("(step_uuid, transition_id)"));
+    assert!(
+        indexes[1].1.contains("workflow_step_transitions_pkey") && indexes[1].1.contains("(step_uuid, transition_id)")
+    );
 
     // A finished diamond: its task went pending -> steps_in_process ->
     // complete, each step pending -> ... -> complete.
@@ -493,4 +497,61 @@ async fn history_is_written_to_one_index_and_read_through_it(pool: PgPool) {
         assert!(text.contains(&format!("\"Index Name\":\"{key}\"")), "reads through {key}: {text}");
         assert!(!text.contains("Seq Scan"), "never scans: {text}");
     }
+}
+
+/// Upgrading to 0027 rebuilds both history tables' keys under the history
+/// already there: a database at 0026 with finished and running diamonds
+/// keeps every history row, in the same order, and its work runs on.
+#[sqlx::test(migrations = false)]
+async fn history_survives_the_change_of_its_keys(pool: PgPool) {
+    let migrator = &tasker_shared::db::MIGRATOR;
+    migrator.run_to(26, &pool).await.unwrap();
+    let t = diamond("upgrade");
+    publish(&pool, &t).await;
+    let mut conn = pool.acquire().await.unwrap();
+    for _ in 0..3 {
+        run_diamonds_on(&mut conn, &t, 20).await;
+    }
+    let requests: Vec<_> = (0..10).map(|_| new_task(&t)).collect();
+    let running = tasker_shared::tasks::create_tasks(&mut conn, "test", &requests, tasker_shared::tasks::Start::Now)
+        .await
+        .unwrap();
+    let roots = claim_steps(&pool, "w", 10).await;
+    assert_eq!(roots.len(), 10);
+
+    let history = "SELECT string_agg(format('%s %s %s', task_uuid, transition_id, to_state), ',' ORDER BY transition_id)
+                   FROM tasker.task_transitions
+                   UNION ALL
+                   SELECT string_agg(format('%s %s %s %s', step_uuid, transition_id, attempt, to_state), ',' ORDER BY transition_id)
+                   FROM tasker.workflow_step_transitions";
+    let before: Vec<(String,)> = sqlx::query_as(history).fetch_all(&mut *conn).await.unwrap();
+    migrator.run(&pool).await.unwrap();
+    let after: Vec<(String,)> = sqlx::query_as(history).fetch_all(&mut *conn).await.unwrap();
+    assert_eq!(before, after, "history unchanged by the upgrade");
+    assert_eq!(
+        before[1].0.matches(',').count() + 1,
+        60 * 10 + 10 * 2,
+        "60 diamonds' and 10 claimed roots' step history"
+    );
+
+    // The claimed roots complete and the running tasks go on, writing
+    // history under the new keys.
+    let recorded = step_result::complete_steps(&mut *conn, "w", &successes(&roots)).await.unwrap();
+    assert!(recorded.iter().all(|r| r.accepted && r.enqueued_dependents.len() == 2), "{recorded:?}");
+    for task in &running {
+        for name in ["b", "c"] {
+            assert_eq!(step_state(&mut *conn, task.task_uuid, name).await, StepState::Enqueued);
+        }
+    }
+    for expected in [20, 10] {
+        let claims = claim_steps(&pool, "w", 64).await;
+        assert_eq!(claims.len(), expected, "the middle steps, then the last");
+        let recorded = step_result::complete_steps(&mut *conn, "w", &successes(&claims)).await.unwrap();
+        assert!(recorded.iter().all(|r| r.accepted));
+    }
+    for task in &running {
+        assert_eq!(task_state(&mut *conn, task.task_uuid).await, tasker_shared::state_machine::TaskState::Complete);
+    }
+    run_diamonds_on(&mut conn, &t, 5).await;
+    assert_invariants(&pool).await;
 }
