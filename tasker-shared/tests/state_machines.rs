@@ -208,6 +208,17 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
     .await;
     assert_refused(mixed, "23503", "a statement with one step history row naming no step");
     assert_eq!(history_of(tasks[1]).await, before, "nothing of the refused statement was written");
+    // Task history's likewise (0028).
+    let mixed = sqlx::query(
+        "INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
+         VALUES ($2, 'pending', 'pending', 'test', 'test'), ($1, NULL, 'pending', 'test', 'test')",
+    )
+    .bind(ghost)
+    .bind(tasks[1])
+    .execute(&pool)
+    .await;
+    assert_refused(mixed, "23503", "a statement with one task history row naming no task");
+    assert_eq!(history_of(tasks[1]).await, before, "nothing of the refused statement was written");
     assert_invariants(&pool).await;
 
     // Unlike a foreign key, the check does not lock the step until commit, so
@@ -225,6 +236,15 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
     .execute(&mut *conn)
     .await
     .unwrap();
+    let other_ghost = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
+         VALUES ($1, NULL, 'pending', 'test', 'test')",
+    )
+    .bind(other_ghost)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
     sqlx::query("RESET session_replication_role").execute(&mut *conn).await.unwrap();
     drop(conn);
     let violations = tasker_shared::invariants::violations(&pool).await.unwrap();
@@ -232,13 +252,21 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
         violations.iter().any(|v| v.invariant == "step history names an existing step" && v.subject == ghost),
         "a step history row naming no step is reported: {violations:#?}"
     );
+    assert!(
+        violations.iter().any(|v| v.invariant == "task history names an existing task" && v.subject == other_ghost),
+        "a task history row naming no task is reported: {violations:#?}"
+    );
 
-    // Truncating the tasks (and so, by cascade, the steps) truncates the step
-    // history too, as the foreign key's cascade did.
+    // Truncating the tasks (and so, by cascade, the steps) truncates both
+    // histories too, as the foreign keys' cascades did.
     sqlx::query("TRUNCATE tasker.tasks CASCADE").execute(&pool).await.unwrap();
-    let left: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_step_transitions").fetch_one(&pool).await.unwrap();
-    assert_eq!(left, 0, "step history went with the truncated steps");
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasker.task_transitions), (SELECT count(*) FROM tasker.workflow_step_transitions)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0), "both histories went with the truncated tasks and steps");
 }
 
 /// The guard triggers' edge lists (0017; one array since 0019) are what
