@@ -21,11 +21,12 @@
 -- one), and a data-only restore must load the tasks before their history or
 -- run with triggers disabled. What the key did and this does not: lock the
 -- task against a concurrent delete between the check and the commit. Every
--- writer of task history inserts it in the transaction that creates the
--- task or in the statement that updates it, so the task row is already
--- locked against deletion until that transaction ends (and retention deletes
--- only finished tasks, which no longer change); invariant_violations() now
--- reports any task history naming no task.
+-- writer of task history inserts it in the statement that creates the task,
+-- in the statement that updates it, or after locking it (FOR NO KEY UPDATE)
+-- earlier in its transaction, so the task row is already locked against
+-- deletion until that transaction ends (and retention deletes only finished
+-- tasks, which no longer change); invariant_violations() now reports any
+-- task history naming no task.
 
 ALTER TABLE tasker.task_transitions DROP CONSTRAINT task_transitions_task_uuid_fkey;
 
@@ -67,10 +68,18 @@ CREATE TRIGGER tasks_delete_history
     REFERENCING OLD TABLE AS deleted_tasks
     FOR EACH STATEMENT EXECUTE FUNCTION tasker.delete_history_of_deleted_tasks();
 
+-- A TRUNCATE that names the history beside its subject has emptied it
+-- already and still holds it open, and truncating it again inside the
+-- trigger fails ("being used by active queries"): only a history that still
+-- has rows is truncated. 0025's trigger for step history had that failure
+-- (`TRUNCATE tasker.tasks, tasker.workflow_step_transitions CASCADE` was
+-- refused), and is redefined the same way.
 CREATE FUNCTION tasker.truncate_history_of_tasks() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    TRUNCATE tasker.task_transitions;
+    IF EXISTS (SELECT 1 FROM tasker.task_transitions) THEN
+        TRUNCATE tasker.task_transitions;
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -78,6 +87,16 @@ $$;
 CREATE TRIGGER tasks_truncate_history
     AFTER TRUNCATE ON tasker.tasks
     FOR EACH STATEMENT EXECUTE FUNCTION tasker.truncate_history_of_tasks();
+
+CREATE OR REPLACE FUNCTION tasker.truncate_history_of_steps() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM tasker.workflow_step_transitions) THEN
+        TRUNCATE tasker.workflow_step_transitions;
+    END IF;
+    RETURN NULL;
+END
+$$;
 
 -- invariant_violations() gains: 9. Task history names an existing task.
 -- 0025's definition keeps its rules under a new name, and

@@ -501,7 +501,8 @@ async fn history_is_written_to_one_index_and_read_through_it(pool: PgPool) {
 
 /// Upgrading to 0027 rebuilds both history tables' keys under the history
 /// already there: a database at 0026 with finished and running diamonds
-/// keeps every history row, in the same order, and its work runs on.
+/// keeps every history row, has the new keys and nothing else, and its work
+/// runs on.
 #[sqlx::test(migrations = false)]
 async fn history_survives_the_change_of_its_keys(pool: PgPool) {
     let migrator = &tasker_shared::db::MIGRATOR;
@@ -519,20 +520,45 @@ async fn history_survives_the_change_of_its_keys(pool: PgPool) {
     let roots = claim_steps(&pool, "w", 10).await;
     assert_eq!(roots.len(), 10);
 
-    let history = "SELECT string_agg(format('%s %s %s', task_uuid, transition_id, to_state), ',' ORDER BY transition_id)
-                   FROM tasker.task_transitions
-                   UNION ALL
-                   SELECT string_agg(format('%s %s %s %s', step_uuid, transition_id, attempt, to_state), ',' ORDER BY transition_id)
-                   FROM tasker.workflow_step_transitions";
-    let before: Vec<(String,)> = sqlx::query_as(history).fetch_all(&mut *conn).await.unwrap();
-    migrator.run(&pool).await.unwrap();
-    let after: Vec<(String,)> = sqlx::query_as(history).fetch_all(&mut *conn).await.unwrap();
-    assert_eq!(before, after, "history unchanged by the upgrade");
-    assert_eq!(
-        before[1].0.matches(',').count() + 1,
-        60 * 10 + 10 * 2,
-        "60 diamonds' and 10 claimed roots' step history"
-    );
+    let history = || async {
+        let step: (String,) = sqlx::query_as(
+            "SELECT string_agg(format('%s %s %s %s', step_uuid, transition_id, attempt, to_state), ','
+                               ORDER BY transition_id)
+             FROM tasker.workflow_step_transitions",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let task: (String,) = sqlx::query_as(
+            "SELECT string_agg(format('%s %s %s', task_uuid, transition_id, to_state), ',' ORDER BY transition_id)
+             FROM tasker.task_transitions",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (step.0, task.0)
+    };
+    let keys = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+             WHERE c.relnamespace = 'tasker'::regnamespace
+               AND c.relname IN ('task_transitions', 'workflow_step_transitions')
+             ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let before = history().await;
+    assert_eq!(before.0.matches(',').count() + 1, 60 * 10 + 10 * 2, "60 diamonds' and 10 claimed roots' step history");
+    assert_eq!(before.1.matches(',').count() + 1, 60 * 3 + 10 * 2, "60 finished and 10 running tasks' history");
+    assert_eq!(keys().await.len(), 4, "at 0026, two indexes per history table");
+
+    migrator.run_to(27, &pool).await.unwrap();
+    assert_eq!(history().await, before, "history unchanged by the upgrade");
+    let keys = keys().await;
+    assert_eq!(keys.len(), 2, "one index per history table: {keys:?}");
+    assert!(keys.iter().all(|k| k.contains("_pkey") && k.contains("_uuid, transition_id)")), "{keys:?}");
 
     // The claimed roots complete and the running tasks go on, writing
     // history under the new keys.

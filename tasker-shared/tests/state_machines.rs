@@ -267,6 +267,22 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
     .await
     .unwrap();
     assert_eq!(left, (0, 0), "both histories went with the truncated tasks and steps");
+
+    // A TRUNCATE that names the histories too (as a reset script may) works:
+    // the triggers do not truncate again what the statement emptied.
+    submit(&pool, &t, 2).await;
+    enqueue_pass(&pool, ORCH).await;
+    sqlx::query("TRUNCATE tasker.tasks, tasker.task_transitions, tasker.workflow_step_transitions CASCADE")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasker.task_transitions), (SELECT count(*) FROM tasker.workflow_step_transitions)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0));
 }
 
 /// The guard triggers' edge lists (0017; one array since 0019) are what
