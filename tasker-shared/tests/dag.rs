@@ -451,21 +451,10 @@ async fn history_is_written_to_one_index_and_read_through_it(pool: PgPool) {
     .await
     .unwrap();
 
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT c.relname::text, pg_get_indexdef(i.indexrelid)
-         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
-         WHERE c.relnamespace = 'tasker'::regnamespace
-           AND c.relname IN ('task_transitions', 'workflow_step_transitions')
-         ORDER BY c.relname",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
+    let indexes = history_indexes(&pool).await;
     assert_eq!(indexes.len(), 2, "one index per history table: {indexes:?}");
-    assert!(indexes[0].1.contains("task_transitions_pkey") && indexes[0].1.contains("(task_uuid, transition_id)"));
-    assert!(
-        indexes[1].1.contains("workflow_step_transitions_pkey") && indexes[1].1.contains("(step_uuid, transition_id)")
-    );
+    assert!(indexes[0].contains("task_transitions_pkey") && indexes[0].contains("(task_uuid, transition_id)"));
+    assert!(indexes[1].contains("workflow_step_transitions_pkey") && indexes[1].contains("(step_uuid, transition_id)"));
 
     // A finished diamond: its task went pending -> steps_in_process ->
     // complete, each step pending -> ... -> complete.
@@ -538,25 +527,14 @@ async fn history_survives_the_change_of_its_keys(pool: PgPool) {
         .unwrap();
         (step.0, task.0)
     };
-    let keys = || async {
-        sqlx::query_scalar::<_, String>(
-            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
-             WHERE c.relnamespace = 'tasker'::regnamespace
-               AND c.relname IN ('task_transitions', 'workflow_step_transitions')
-             ORDER BY 1",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    };
     let before = history().await;
     assert_eq!(before.0.matches(',').count() + 1, 60 * 10 + 10 * 2, "60 diamonds' and 10 claimed roots' step history");
     assert_eq!(before.1.matches(',').count() + 1, 60 * 3 + 10 * 2, "60 finished and 10 running tasks' history");
-    assert_eq!(keys().await.len(), 4, "at 0026, two indexes per history table");
+    assert_eq!(history_indexes(&pool).await.len(), 4, "at 0026, two indexes per history table");
 
     migrator.run_to(27, &pool).await.unwrap();
     assert_eq!(history().await, before, "history unchanged by the upgrade");
-    let keys = keys().await;
+    let keys = history_indexes(&pool).await;
     assert_eq!(keys.len(), 2, "one index per history table: {keys:?}");
     assert!(keys.iter().all(|k| k.contains("_pkey") && k.contains("_uuid, transition_id)")), "{keys:?}");
 
@@ -580,4 +558,19 @@ async fn history_survives_the_change_of_its_keys(pool: PgPool) {
     }
     run_diamonds_on(&mut conn, &t, 5).await;
     assert_invariants(&pool).await;
+}
+
+/// The definitions of the history tables' indexes: the task history's, then
+/// the step history's.
+async fn history_indexes(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT pg_get_indexdef(i.indexrelid)
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+         WHERE c.relnamespace = 'tasker'::regnamespace
+           AND c.relname IN ('task_transitions', 'workflow_step_transitions')
+         ORDER BY c.relname, 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }

@@ -257,15 +257,21 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
         "a task history row naming no task is reported: {violations:#?}"
     );
 
+    // (task history rows, step history rows) in all.
+    let all_history_rows = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT (SELECT count(*) FROM tasker.task_transitions),
+                    (SELECT count(*) FROM tasker.workflow_step_transitions)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
     // Truncating the tasks (and so, by cascade, the steps) truncates both
     // histories too, as the foreign keys' cascades did.
     sqlx::query("TRUNCATE tasker.tasks CASCADE").execute(&pool).await.unwrap();
-    let left: (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM tasker.task_transitions), (SELECT count(*) FROM tasker.workflow_step_transitions)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let left = all_history_rows().await;
     assert_eq!(left, (0, 0), "both histories went with the truncated tasks and steps");
 
     // A TRUNCATE that names the histories too (as a reset script may) works:
@@ -276,12 +282,7 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
         .execute(&pool)
         .await
         .unwrap();
-    let left: (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM tasker.task_transitions), (SELECT count(*) FROM tasker.workflow_step_transitions)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let left = all_history_rows().await;
     assert_eq!(left, (0, 0));
 }
 
