@@ -40,6 +40,21 @@ stop_throwaway_postgres() {
     _tasker_pg_dir=""
 }
 
+# The running throwaway server's directory (its data is in data/).
+throwaway_postgres_dir() { echo "$_tasker_pg_dir"; }
+
+# Runs a command as the user that owns the throwaway server's files.
+as_throwaway_postgres_owner() { "${_tasker_pg_run[@]}" "$@"; }
+
+# Stops the throwaway server and keeps its data (still removed on exit), for
+# commands that run PostgreSQL on a copy of it in single-user mode.
+halt_throwaway_postgres() {
+    "${_tasker_pg_run[@]}" "$(_tasker_pg_find_bin pg_ctl)" -D "$_tasker_pg_dir/data" -m fast -w stop >/dev/null
+}
+
+# Copies the halted server's data to $_tasker_pg_dir/NAME.
+throwaway_postgres_copy_data() { "${_tasker_pg_run[@]}" cp -a "$_tasker_pg_dir/data" "$_tasker_pg_dir/$1"; }
+
 start_throwaway_postgres() {
     local initdb pg_ctl port attempt
     initdb=$(_tasker_pg_find_bin initdb)
