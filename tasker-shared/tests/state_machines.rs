@@ -328,6 +328,140 @@ async fn state_guards_list_the_machine_tables_edges(pool: PgPool) {
     assert_ne!(definitions().await, installed);
 }
 
+/// The range checks of 0029 run where their columns are written (an insert,
+/// or an update that sets them) and refuse as the CHECK constraints did:
+/// SQLSTATE 23514 with the constraint's name, nothing written. Values at the
+/// bounds pass, and an update of other columns does not run the checks. A
+/// state outside the machine is refused by the guards, and rows written with
+/// triggers off are reported by `invariant_violations()`.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn values_out_of_range_are_refused_where_written_and_audited(pool: PgPool) {
+    let t = single("ranges");
+    publish(&pool, &t).await;
+    let task = submit(&pool, &t, 1).await[0];
+    let step: Uuid = sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1")
+        .bind(task)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (SELECT count(*) FROM tasker.workflow_steps) + (SELECT count(*) FROM tasker.tasks)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    // A copy of the step under another name, with `column` set to `value`.
+    let insert_copy = |column: &str, value: i32| {
+        let values = ["max_attempts", "backoff_ms", "timeout_ms"].map(|c| if c == column { "$2" } else { c });
+        let pool = pool.clone();
+        let sql = format!(
+            "INSERT INTO tasker.workflow_steps
+                 (step_uuid, task_uuid, name, handler, namespace, max_attempts, backoff_ms, timeout_ms)
+             SELECT gen_random_uuid(), task_uuid, 'copy ' || gen_random_uuid(), handler, namespace, {}
+             FROM tasker.workflow_steps WHERE step_uuid = $1",
+            values.join(", ")
+        );
+        async move { sqlx::query(sqlx::AssertSqlSafe(sql)).bind(step).bind(value).execute(&pool).await }
+    };
+    let update = |column: &str, value: i32| {
+        let pool = pool.clone();
+        let sql = format!("UPDATE tasker.workflow_steps SET {column} = $2 WHERE step_uuid = $1");
+        async move { sqlx::query(sqlx::AssertSqlSafe(sql)).bind(step).bind(value).execute(&pool).await }
+    };
+    let refused_as = |result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>, constraint: &str, what: &str| {
+        let err = result.expect_err(what);
+        let db = err.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some("23514"), "{what}: {err}");
+        assert_eq!(db.constraint(), Some(constraint), "{what}: {err}");
+    };
+
+    // (column, lowest, highest, constraint)
+    let ranges = [
+        ("max_attempts", 1, 100, "max_attempts_range"),
+        ("backoff_ms", 0, 86_400_000, "backoff_range"),
+        ("timeout_ms", 1, 86_400_000, "timeout_range"),
+    ];
+    for (column, low, high, constraint) in ranges {
+        for value in [low, high] {
+            insert_copy(column, value).await.unwrap_or_else(|e| panic!("insert {column} = {value}: {e}"));
+            update(column, value).await.unwrap_or_else(|e| panic!("update {column} = {value}: {e}"));
+        }
+        update(column, low).await.unwrap();
+        let before = rows().await;
+        for value in [low - 1, high + 1] {
+            refused_as(insert_copy(column, value).await, constraint, &format!("insert {column} = {value}"));
+            refused_as(update(column, value).await, constraint, &format!("update {column} = {value}"));
+        }
+        assert_eq!(rows().await, before, "nothing was inserted");
+        let kept: i32 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {column} FROM tasker.workflow_steps WHERE step_uuid = $1"
+        )))
+        .bind(step)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(kept, low, "nothing was updated");
+    }
+
+    for key in [String::new(), "k".repeat(256)] {
+        let result = sqlx::query("UPDATE tasker.tasks SET idempotency_key = $2 WHERE task_uuid = $1")
+            .bind(task)
+            .bind(&key)
+            .execute(&pool)
+            .await;
+        refused_as(result, "idempotency_key_length", &format!("an idempotency key of {} characters", key.len()));
+    }
+    sqlx::query("UPDATE tasker.tasks SET idempotency_key = $2 WHERE task_uuid = $1")
+        .bind(task)
+        .bind("k".repeat(255))
+        .execute(&pool)
+        .await
+        .expect("255 characters are allowed");
+
+    // A state outside the machine is refused by the guard.
+    let result = sqlx::query("UPDATE tasker.workflow_steps SET state = 'lost' WHERE step_uuid = $1")
+        .bind(step)
+        .execute(&pool)
+        .await;
+    assert_refused(result, "TK001", "a step state outside the machine");
+    let result = sqlx::query("UPDATE tasker.tasks SET state = 'lost' WHERE task_uuid = $1").bind(task).execute(&pool).await;
+    assert_refused(result, "TK001", "a task state outside the machine");
+    assert_invariants(&pool).await;
+
+    // Written with triggers off (as a replica's apply would): the update of
+    // the state alone does not run the range checks, and the audit reports
+    // each row.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+    sqlx::query("UPDATE tasker.workflow_steps SET max_attempts = 0 WHERE step_uuid = $1")
+        .bind(step)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tasker.tasks SET state = 'lost' WHERE task_uuid = $1").bind(task).execute(&mut *conn).await.unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT").execute(&mut *conn).await.unwrap();
+    let cancelled = sqlx::query("UPDATE tasker.workflow_steps SET state = 'cancelled' WHERE step_uuid = $1")
+        .bind(step)
+        .execute(&mut *conn)
+        .await
+        .expect("an update that does not set a budget column does not check it");
+    assert_eq!(cancelled.rows_affected(), 1);
+    let reported: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT subject, detail FROM tasker.invariant_violations()
+         WHERE invariant = 'rows hold known states and values in range' ORDER BY detail",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(reported.len(), 2, "{reported:?}");
+    assert_eq!(reported[0].0, step, "{reported:?}");
+    assert!(reported[0].1.contains("max_attempts 0"), "{reported:?}");
+    assert_eq!(reported[1].0, task, "{reported:?}");
+    assert!(reported[1].1.contains("task state lost"), "{reported:?}");
+}
+
 async fn force_state(conn: &mut sqlx::PgConnection, table: &str, key: &str, id: Uuid, state: &str) {
     sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE tasker.{table} SET state = $1 WHERE {key} = $2")))
