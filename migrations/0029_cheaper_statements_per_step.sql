@@ -7,8 +7,8 @@
 -- run, so one run a side decides what timed runs on a shared machine could
 -- not). At one step a statement (`tasker bench latency`'s hop: complete a
 -- step, start its dependent, take it up) a step cost 3.14 million
--- instructions, of which about 36% was executor start-up and 16% was
--- stringToNode re-reading stored expressions.
+-- instructions, of which 36% was executor start-up and 15% was
+-- stringToNode reading stored expressions back from their text.
 --
 -- 1. CHECK constraints are read back from their stored text by every
 --    statement that writes the table, and evaluated on every row it writes,
