@@ -13,7 +13,7 @@
 -- 1. CHECK constraints are read back from their stored text by every
 --    statement that writes the table, and evaluated on every row it writes,
 --    whichever columns it sets. Four of workflow_steps' and two of tasks'
---    (about 4 kB and 2.8 kB of stored expression) were re-read by every step
+--    (about 4.1 kB and 2.8 kB of stored expression) were re-read by every step
 --    and task update, though none of them can fail there:
 --
 --    - step_state_known and task_state_known: the state guards (0002, 0019)
@@ -43,18 +43,19 @@
 --    writes, which wrote nothing, and fired the history's statement trigger.
 --    The writes are now their own statement, run only when there are
 --    candidates; the read takes the claimed steps and the started ones by
---    key.
+--    key. Their order changes (before: the claimed ones, then the started
+--    ones, each as its statement met them); no caller depends on it.
 --
 -- 3. With enable_seqscan off and a generic plan's guess of ten keys in an
 --    array, the planner read keys given as `= ANY (array)` (and the steps of
 --    one task) with bitmap scans: a bitmap built and walked for one to four
---    rows, at about 40,000 instructions each, twice a step. The hot
+--    rows, at about 43,000 instructions each, about twice a step. The hot
 --    functions now run with enable_bitmapscan off as well, so those are
 --    index scans.
 --
 -- Per step, under scripts/bench-instructions, at one step a round: 3.135
 -- million instructions before, 2.643 million after (-15.7%; the three parts
--- alone -10.2%, -4.4% and -1.0%); at 32 steps a round, 627,081 before and
+-- alone -10.2%, -4.5% and -1.0%); at 32 steps a round, 627,081 before and
 -- 582,839 after (-7.1%; -2.0%, -0.6% and -4.5%).
 
 -- 1. Checks that run only where their columns are written.
@@ -271,6 +272,8 @@ BEGIN
     -- What the caller now holds: the steps just claimed and those its
     -- completion started (p_started, only read here), each read by key with
     -- its state and owner checked outside the probe (OFFSET 0, see 0021).
+    -- In no particular order: the worker starts them all, and a sort costs
+    -- about 1% of a hop (counted).
     RETURN QUERY
     SELECT st.step_uuid, st.task_uuid, st.namespace, st.name, st.handler, st.config,
            st.attempts, st.max_attempts, st.timeout_ms, st.lease_expires_at,

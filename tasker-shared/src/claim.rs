@@ -230,8 +230,9 @@ pub struct AttemptRef {
 }
 
 /// Claims up to `limit` enqueued steps of `namespace` (any namespace when
-/// `None`), in priority order. Claims not made because of a notification are
-/// logged in `tasker.step_discoveries`, the record misses are checked against.
+/// `None`), chosen in priority order and returned in no particular order.
+/// Claims not made because of a notification are logged in
+/// `tasker.step_discoveries`, the record misses are checked against.
 pub async fn claim_steps(
     executor: impl PgExecutor<'_>,
     worker_id: &str,
@@ -245,11 +246,11 @@ pub async fn claim_steps(
 
 /// In the transaction whose completions enqueued `dependents` and started
 /// `started` for this worker ([`crate::step_result::StartDependents`]):
-/// returns the started ones as claims, then claims up to `limit` more: the
+/// returns the started ones as claims, and claims up to `limit` more: the
 /// enqueued dependents first, continuing their tasks, unless a step of
 /// higher priority (not among them) waits where this worker claims from, and
-/// the rest of `limit` as [`claim_steps`] does. `limit` may be 0 when
-/// `started` is not empty.
+/// the rest of `limit` as [`claim_steps`] does. The claims come back in no
+/// particular order. `limit` may be 0 when `started` is not empty.
 pub async fn claim_dependents(
     executor: impl PgExecutor<'_>,
     worker_id: &str,

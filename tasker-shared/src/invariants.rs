@@ -1,7 +1,8 @@
 //! The database's invariants, checked by `tasker.invariant_violations()`
 //! (`migrations/0007_invariants.sql`, extended by
-//! `migrations/0025_set_based_history_keys.sql` and
-//! `migrations/0028_set_based_task_history_key.sql`; documented in `docs/testing.md`).
+//! `migrations/0025_set_based_history_keys.sql`,
+//! `migrations/0028_set_based_task_history_key.sql` and
+//! `migrations/0029_cheaper_statements_per_step.sql`; documented in `docs/testing.md`).
 
 use sqlx::PgExecutor;
 use uuid::Uuid;

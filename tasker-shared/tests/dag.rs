@@ -200,6 +200,28 @@ fn collect_scans<'a>(node: &'a serde_json::Value, out: &mut Vec<&'a serde_json::
     }
 }
 
+/// The hot functions run with sequential and bitmap scans off together
+/// (0014, 0029). CREATE OR REPLACE resets a function's settings, so a later
+/// migration that redefines one must set both again; one that set only
+/// `enable_seqscan` would have its keys read with bitmap scans again.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn hot_functions_run_without_sequential_or_bitmap_scans(pool: PgPool) {
+    let settings: Vec<(String, String, Vec<String>)> = sqlx::query_as(
+        "SELECT p.proname::text, p.oid::regprocedure::text, p.proconfig FROM pg_proc p
+         WHERE p.pronamespace = 'tasker'::regnamespace AND 'enable_seqscan=off' = ANY (p.proconfig)
+         ORDER BY 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for hot in ["complete_steps", "claim_steps", "fail_steps", "lock_tasks_of_steps", "claim_ready_tasks", "start_tasks"] {
+        assert!(settings.iter().any(|(name, _, _)| name == hot), "{hot} runs with sequential scans off: {settings:?}");
+    }
+    for (_, function, config) in &settings {
+        assert!(config.iter().any(|c| c == "enable_bitmapscan=off"), "{function} runs with {config:?}");
+    }
+}
+
 /// The step lifecycle's hot statements read the steps and edges tables by key,
 /// never by scanning them, even when the planner has no statistics yet: a
 /// fresh database under a bulk load, where a scan per completion batch (or per

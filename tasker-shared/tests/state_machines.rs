@@ -413,12 +413,25 @@ async fn values_out_of_range_are_refused_where_written_and_audited(pool: PgPool)
             .await;
         refused_as(result, "idempotency_key_length", &format!("an idempotency key of {} characters", key.len()));
     }
-    sqlx::query("UPDATE tasker.tasks SET idempotency_key = $2 WHERE task_uuid = $1")
-        .bind(task)
-        .bind("k".repeat(255))
-        .execute(&pool)
-        .await
-        .expect("255 characters are allowed");
+    let before = rows().await;
+    let result = sqlx::query(
+        "INSERT INTO tasker.tasks (task_uuid, template_id, namespace, idempotency_key)
+         SELECT gen_random_uuid(), template_id, namespace, $2 FROM tasker.tasks WHERE task_uuid = $1",
+    )
+    .bind(task)
+    .bind("k".repeat(256))
+    .execute(&pool)
+    .await;
+    refused_as(result, "idempotency_key_length", "a task inserted with an idempotency key of 256 characters");
+    assert_eq!(rows().await, before, "nothing was inserted");
+    for key in ["k".to_string(), "k".repeat(255)] {
+        sqlx::query("UPDATE tasker.tasks SET idempotency_key = $2 WHERE task_uuid = $1")
+            .bind(task)
+            .bind(&key)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("an idempotency key of {} characters: {e}", key.len()));
+    }
 
     // A state outside the machine is refused by the guard.
     let result = sqlx::query("UPDATE tasker.workflow_steps SET state = 'lost' WHERE step_uuid = $1")
@@ -440,8 +453,18 @@ async fn values_out_of_range_are_refused_where_written_and_audited(pool: PgPool)
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query("UPDATE tasker.tasks SET state = 'lost' WHERE task_uuid = $1").bind(task).execute(&mut *conn).await.unwrap();
+    sqlx::query("UPDATE tasker.tasks SET state = 'lost', idempotency_key = '' WHERE task_uuid = $1")
+        .bind(task)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     sqlx::query("SET session_replication_role = DEFAULT").execute(&mut *conn).await.unwrap();
+    let touched = sqlx::query("UPDATE tasker.tasks SET updated_at = now() WHERE task_uuid = $1")
+        .bind(task)
+        .execute(&mut *conn)
+        .await
+        .expect("an update that does not set the idempotency key does not check it");
+    assert_eq!(touched.rows_affected(), 1);
     let cancelled = sqlx::query("UPDATE tasker.workflow_steps SET state = 'cancelled' WHERE step_uuid = $1")
         .bind(step)
         .execute(&mut *conn)
@@ -459,7 +482,7 @@ async fn values_out_of_range_are_refused_where_written_and_audited(pool: PgPool)
     assert_eq!(reported[0].0, step, "{reported:?}");
     assert!(reported[0].1.contains("max_attempts 0"), "{reported:?}");
     assert_eq!(reported[1].0, task, "{reported:?}");
-    assert!(reported[1].1.contains("task state lost"), "{reported:?}");
+    assert!(reported[1].1.contains("task state lost, idempotency key of 0 characters"), "{reported:?}");
 }
 
 async fn force_state(conn: &mut sqlx::PgConnection, table: &str, key: &str, id: Uuid, state: &str) {
