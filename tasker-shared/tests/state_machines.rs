@@ -439,7 +439,8 @@ async fn values_out_of_range_are_refused_where_written_and_audited(pool: PgPool)
         .execute(&pool)
         .await;
     assert_refused(result, "TK001", "a step state outside the machine");
-    let result = sqlx::query("UPDATE tasker.tasks SET state = 'lost' WHERE task_uuid = $1").bind(task).execute(&pool).await;
+    let result =
+        sqlx::query("UPDATE tasker.tasks SET state = 'lost' WHERE task_uuid = $1").bind(task).execute(&pool).await;
     assert_refused(result, "TK001", "a task state outside the machine");
     assert_invariants(&pool).await;
 
