@@ -286,15 +286,21 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
     assert_eq!(left, (0, 0));
 }
 
-/// The guard triggers' edge lists (0017; one array since 0019) are what
+/// The guards' edge lists (0017; one array since 0019; in a function per
+/// machine, which the trigger calls, since 0030) are what
 /// `install_state_guards()` writes from the machine tables now: a migration
 /// that changed a table and did not reinstall the guards fails here.
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn state_guards_list_the_machine_tables_edges(pool: PgPool) {
+    // (trigger, its definition, the definition of the function it calls).
     let definitions = || async {
-        sqlx::query_as::<_, (String, String)>(
-            "SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger
-             WHERE tgname IN ('tasks_state_guard', 'workflow_steps_state_guard') ORDER BY tgname",
+        sqlx::query_as::<_, (String, String, String)>(
+            "SELECT g.tgname::text, pg_get_triggerdef(g.oid), pg_get_functiondef(f.oid)
+             FROM pg_trigger g
+             JOIN pg_proc f ON f.pronamespace = 'tasker'::regnamespace
+                           AND f.proname = CASE g.tgname WHEN 'tasks_state_guard' THEN 'task_transition_allowed'
+                                                         ELSE 'step_transition_allowed' END
+             WHERE g.tgname IN ('tasks_state_guard', 'workflow_steps_state_guard') ORDER BY g.tgname",
         )
         .fetch_all(&pool)
         .await
@@ -312,9 +318,17 @@ async fn state_guards_list_the_machine_tables_edges(pool: PgPool) {
     };
     let task_edges = edges(TaskState::TRANSITIONS.iter().map(|(f, _, t)| (f.to_string(), t.to_string())).collect());
     let step_edges = edges(StepState::TRANSITIONS.iter().map(|(f, _, t)| (f.to_string(), t.to_string())).collect());
-    for (name, definition) in &installed {
-        let expected = if name == "tasks_state_guard" { &task_edges } else { &step_edges };
-        assert!(definition.contains(expected.as_str()), "{name} lists the machine's edges, {expected}: {definition}");
+    for (name, trigger, function) in &installed {
+        let (expected, allowed) = if name == "tasks_state_guard" {
+            (&task_edges, "task_transition_allowed(old.state, new.state)")
+        } else {
+            (&step_edges, "step_transition_allowed(old.state, new.state)")
+        };
+        assert!(trigger.contains(allowed), "{name} asks {allowed}: {trigger}");
+        assert!(
+            function.contains(expected.as_str()),
+            "{name}'s function lists the machine's edges, {expected}: {function}"
+        );
     }
     sqlx::query("SELECT tasker.install_state_guards()").execute(&pool).await.unwrap();
     assert_eq!(definitions().await, installed, "reinstalling from the tables changes nothing");
