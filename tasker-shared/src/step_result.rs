@@ -170,6 +170,118 @@ pub async fn announce_left(executor: impl PgExecutor<'_>, recorded: &[Recorded],
     Ok(u64::try_from(channels).unwrap_or(0))
 }
 
+/// The claim a worker makes with what a batch of successes frees, when the
+/// recording and the claim go in one statement ([`complete_and_claim`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimWith<'a> {
+    /// The slots the batch's attempts free (at least 1): the completion
+    /// starts up to this many of the dependents it makes runnable, as
+    /// [`StartDependents`] does.
+    pub capacity: usize,
+    /// Free slots the caller reserved beyond `capacity`. The claim uses all
+    /// of them when `backlog`, otherwise only as many as the dependents left
+    /// enqueued need.
+    pub free: usize,
+    /// Whether the worker's claim loop is waiting for capacity (ready work
+    /// may be waiting): then the claim fills every slot, even when the
+    /// completion enqueued nothing.
+    pub backlog: bool,
+    /// Where the worker claims from (`None`: every namespace).
+    pub namespace: Option<&'a Identifier>,
+    /// Each claimed attempt's lease.
+    pub lease: Duration,
+}
+
+/// What [`complete_and_claim`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Continued {
+    /// One per success, as [`record_successes`] returns them.
+    pub recorded: Vec<Recorded>,
+    /// The attempts the worker now holds: the dependents the completion
+    /// started and whatever else the claim took, in no particular order.
+    pub claimed: Vec<StepClaim>,
+    /// Step channels notified of the dependents the worker left enqueued.
+    pub announced: u64,
+}
+
+/// Records successes, claims the next work with what they free, and
+/// announces the dependents left for other workers, in one statement
+/// (`tasker.complete_steps_and_claim`): sent alone, it is one transaction and
+/// one round trip where [`record_successes`], [`crate::claim::claim_dependents`]
+/// and [`announce_left`] in a transaction take four. The claim is made as
+/// those three make it: it takes up the dependents the completion started,
+/// then claims up to `capacity` minus those, plus `free` under a backlog or
+/// else as many of `free` as the enqueued dependents need, preferring them;
+/// and it claims at all only when the completion started or enqueued
+/// dependents or there is a backlog.
+pub async fn complete_and_claim(
+    executor: impl PgExecutor<'_>,
+    worker_id: &str,
+    successes: &[Success],
+    claim: ClaimWith<'_>,
+) -> Result<Continued> {
+    let uuids: Vec<Uuid> = successes.iter().map(|s| s.attempt.step_uuid).collect();
+    let attempts: Vec<i32> = successes.iter().map(|s| s.attempt.attempt).collect();
+    let results: Vec<serde_json::Value> = successes.iter().map(|s| s.result.clone()).collect();
+    let rows = sqlx::query!(
+        r#"SELECT kind AS "kind!", step_uuid, accepted, enqueued_dependents, task_woken, task_finalized,
+                  task_created_at, started_dependents, task_uuid, namespace, name, handler, config, attempt,
+                  max_attempts, timeout_ms, lease_expires_at, task_context, dependency_results, enqueued_at,
+                  claimed_at, channels
+           FROM tasker.complete_steps_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
+        worker_id,
+        &uuids,
+        &attempts,
+        &results,
+        i32::try_from(claim.capacity).unwrap_or(i32::MAX),
+        i32::try_from(claim.free).unwrap_or(i32::MAX),
+        claim.backlog,
+        claim.namespace.map(Identifier::as_str),
+        claim.lease as Duration,
+    )
+    .fetch_all(executor)
+    .await?;
+    let mut continued = Continued { recorded: Vec::new(), claimed: Vec::new(), announced: 0 };
+    for r in rows {
+        let malformed =
+            || sqlx::Error::Protocol(format!("complete_steps_and_claim returned an incomplete {} row", r.kind));
+        match r.kind.as_str() {
+            "recorded" => {
+                let accepted = r.accepted.ok_or_else(malformed)?;
+                continued.recorded.push(Recorded {
+                    step_uuid: r.step_uuid.ok_or_else(malformed)?,
+                    accepted,
+                    state: accepted.then_some(StepState::Complete),
+                    enqueued_dependents: r.enqueued_dependents.ok_or_else(malformed)?,
+                    started_dependents: r.started_dependents.ok_or_else(malformed)?,
+                    task_woken: r.task_woken.ok_or_else(malformed)?,
+                    task_finalized: r.task_finalized.ok_or_else(malformed)?,
+                    task_created_at: r.task_created_at,
+                });
+            }
+            "claimed" => continued.claimed.push(StepClaim {
+                step_uuid: r.step_uuid.ok_or_else(malformed)?,
+                task_uuid: r.task_uuid.ok_or_else(malformed)?,
+                namespace: r.namespace.ok_or_else(malformed)?,
+                name: r.name.ok_or_else(malformed)?,
+                handler: r.handler.ok_or_else(malformed)?,
+                config: r.config.ok_or_else(malformed)?,
+                attempt: r.attempt.ok_or_else(malformed)?,
+                max_attempts: r.max_attempts.ok_or_else(malformed)?,
+                timeout_ms: r.timeout_ms.ok_or_else(malformed)?,
+                lease_expires_at: r.lease_expires_at.ok_or_else(malformed)?,
+                task_context: r.task_context.ok_or_else(malformed)?,
+                dependency_results: r.dependency_results.ok_or_else(malformed)?,
+                enqueued_at: r.enqueued_at,
+                claimed_at: r.claimed_at.ok_or_else(malformed)?,
+            }),
+            "announced" => continued.announced = u64::try_from(r.channels.ok_or_else(malformed)?).unwrap_or(0),
+            _ => return Err(malformed().into()),
+        }
+    }
+    Ok(continued)
+}
+
 /// Records failed attempts (`tasker.fail_steps`), in one statement.
 pub async fn fail_steps(executor: impl PgExecutor<'_>, worker_id: &str, failures: &[Failure]) -> Result<Vec<Recorded>> {
     let uuids: Vec<Uuid> = failures.iter().map(|f| f.attempt.step_uuid).collect();

@@ -748,6 +748,112 @@ async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPo
     assert_invariants(&pool).await;
 }
 
+/// `complete_and_claim` makes, in one statement, the claim the worker's
+/// completing transaction made in three calls: it takes up the dependents
+/// the completion started, tops up with as many reserved free slots as the
+/// enqueued dependents need (all of them under a backlog), claims nothing
+/// more without dependents or a backlog, and announces exactly the
+/// dependents it leaves. A rejected outcome claims nothing; bad arguments are
+/// refused with nothing written.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_completion_and_its_claim_in_one_statement_decide_as_the_worker_did(pool: PgPool) {
+    use tasker_shared::step_result::{ClaimWith, Continued};
+
+    let fan = template("one", "fan", &[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["a"])]);
+    let single = single("one");
+    publish(&pool, &fan).await;
+    publish(&pool, &single).await;
+    let fans = submit(&pool, &fan, 4).await;
+    enqueue_pass(&pool, ORCH).await;
+    let roots = claim_steps(&pool, "w", 10).await;
+    assert_eq!(roots.len(), 4);
+
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
+    listener.listen("tasker_steps_one").await.unwrap();
+    let mut notified_before_marker = async || {
+        sqlx::query("SELECT pg_notify('tasker_steps_one', 'marker')").execute(&pool).await.unwrap();
+        let mut sent = 0;
+        loop {
+            let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
+            if notification.payload() == "marker" {
+                return sent;
+            }
+            sent += 1;
+        }
+    };
+    let hop = async |attempt: AttemptRef, capacity: usize, free: usize, backlog: bool| -> Continued {
+        let success = Success { attempt, result: serde_json::json!("a") };
+        let claim = ClaimWith { capacity, free, backlog, namespace: None, lease: LEASE };
+        step_result::complete_and_claim(&pool, "w", &[success], claim).await.unwrap()
+    };
+    let root_of = |task: Uuid| roots.iter().find(|r| r.task_uuid == task).unwrap().attempt_ref();
+    let names = |c: &Continued| {
+        let mut names: Vec<String> = c.claimed.iter().map(|c| c.name.clone()).collect();
+        names.sort_unstable();
+        names
+    };
+
+    // Room for one: the completion starts a dependent; two free slots cover
+    // the two it enqueued, so nothing is left to announce.
+    let all = hop(root_of(fans[0]), 1, 2, false).await;
+    assert!(all.recorded[0].accepted && all.recorded[0].started_dependents.len() == 1, "{all:?}");
+    assert_eq!(names(&all), ["b", "c", "d"]);
+    assert!(
+        all.claimed.iter().all(|c| c.task_uuid == fans[0] && c.dependency_results == serde_json::json!({"a": "a"}))
+    );
+    assert_eq!((all.announced, notified_before_marker().await), (0, 0), "what the worker took is not announced");
+
+    // One free slot for two enqueued dependents: one is left, and announced.
+    let some = hop(root_of(fans[1]), 1, 1, false).await;
+    assert_eq!(some.claimed.len(), 2, "{some:?}");
+    assert_eq!((some.announced, notified_before_marker().await), (1, 1), "the dependent left is announced, once");
+
+    // No free slot: only the started dependent; two are announced (one channel).
+    let one = hop(root_of(fans[2]), 1, 0, false).await;
+    assert_eq!(one.claimed.len(), 1);
+    assert_eq!(one.claimed[0].step_uuid, one.recorded[0].started_dependents[0]);
+    assert_eq!((one.announced, notified_before_marker().await), (1, 1));
+
+    // A stale attempt is rejected and claims nothing, though a slot is free.
+    let stale = AttemptRef { attempt: 7, ..root_of(fans[3]) };
+    let rejected = hop(stale, 1, 3, false).await;
+    assert_eq!((rejected.recorded.len(), rejected.recorded[0].accepted), (1, false), "{rejected:?}");
+    assert!(rejected.claimed.is_empty() && rejected.announced == 0, "{rejected:?}");
+
+    // What was announced is there for any worker.
+    assert_eq!(claim_steps(&pool, "other", 10).await.len(), 3, "one of the second task, two of the third");
+
+    // A one-step task's completion enqueues nothing: without a backlog it
+    // claims nothing more, though ready work waits; with one, it fills its
+    // capacity and the free slots.
+    let waiting = submit(&pool, &single, 6).await;
+    enqueue_pass(&pool, ORCH).await;
+    let singles = claim_steps(&pool, "w", 2).await;
+    assert!(singles.iter().all(|c| waiting.contains(&c.task_uuid)), "{singles:?}");
+    let idle = hop(singles[0].attempt_ref(), 1, 3, false).await;
+    assert!(idle.recorded[0].accepted && idle.recorded[0].task_finalized, "{idle:?}");
+    assert!(idle.claimed.is_empty(), "no dependents and no backlog: no claim: {idle:?}");
+    let busy = hop(singles[1].attempt_ref(), 1, 2, true).await;
+    assert_eq!(busy.claimed.len(), 3, "capacity 1 and 2 free slots, under a backlog: {busy:?}");
+    assert_eq!(busy.announced, 0);
+
+    // Bad arguments: refused, nothing written.
+    let held = claim_steps(&pool, "w", 1).await;
+    let success = Success { attempt: held[0].attempt_ref(), result: serde_json::json!(1) };
+    for (capacity, lease) in [(0, LEASE), (1, Duration::ZERO)] {
+        let claim = ClaimWith { capacity, free: 0, backlog: false, namespace: None, lease };
+        let err = step_result::complete_and_claim(&pool, "w", std::slice::from_ref(&success), claim).await.unwrap_err();
+        assert!(matches!(err, tasker_shared::Error::InvalidInput(_)), "capacity {capacity}, lease {lease:?}: {err:?}");
+    }
+    assert_eq!(step_state(&pool, held[0].task_uuid, "only").await, StepState::InProgress, "nothing written");
+    let enqueued: i64 = sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_steps WHERE state = 'enqueued'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(enqueued, 0, "the last one-step task's step is the one held");
+    assert_invariants(&pool).await;
+}
+
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn a_task_started_at_creation_has_its_roots_enqueued_and_needs_no_orchestrator(pool: PgPool) {
     let t = diamond("fast");

@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use sqlx::PgPool;
-use tasker_shared::claim::{self, AttemptRef, StepClaim};
+use tasker_shared::claim::{AttemptRef, StepClaim};
 use tasker_shared::discovery::Backoff;
 use tasker_shared::event_system::{Event, SampledStatisticsCollector};
 use tasker_shared::metrics::{self, names};
 use tasker_shared::state_machine::TaskState;
-use tasker_shared::step_result::{self, Announce, Failure, Recorded, StartDependents, Success};
+use tasker_shared::step_result::{self, ClaimWith, Failure, Recorded, Success};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use uuid::Uuid;
 
@@ -176,22 +176,23 @@ struct Completed {
     announced_left: Option<u64>,
 }
 
-/// Records successes and, in the same transaction, claims work with the
-/// batch's `capacity` (0 once shutdown began). The completion itself starts
-/// up to `capacity` of the dependents it makes runnable, for this worker
-/// (`StartDependents`: one update a step, continuing their tasks, unless a
-/// step of higher priority waits where the worker claims from); the claim
-/// then takes those up and fills what is left of `capacity`, topped up with
-/// free slots when the dependents it enqueued need more, or, when the claim
-/// loop is waiting for capacity, with every free slot the worker's limit
-/// allows (which grows as the handlers' times let it prefetch): the enqueued
-/// dependents first, then any ready step (`claim_dependents`). It claims
-/// only when the completion started or enqueued dependents or the claim
-/// loop is waiting for capacity (so an idle worker does not look for work
-/// twice). The dependents it leaves, and only those, are announced to other
-/// workers (`announce_left`: no call when it took them all). With no
-/// capacity at all the completion announces what it enqueues itself, and
-/// there is no announcement call.
+/// Records successes and, in the same statement (one transaction, one round
+/// trip), claims work with the batch's `capacity` (0 once shutdown began:
+/// then it only records, announcing what it enqueues itself). The completion
+/// starts up to `capacity` of the dependents it makes runnable, for this
+/// worker (one update a step, continuing their tasks, unless a step of
+/// higher priority waits where the worker claims from); the claim then takes
+/// those up and fills what is left of `capacity`, topped up with free slots
+/// when the dependents it enqueued need more, or, when the claim loop is
+/// waiting for capacity, with every free slot the worker's limit allows
+/// (which grows as the handlers' times let it prefetch): the enqueued
+/// dependents first, then any ready step. It claims only when the completion
+/// started or enqueued dependents or the claim loop is waiting for capacity
+/// (so an idle worker does not look for work twice). The dependents it
+/// leaves, and only those, are announced to other workers
+/// (`step_result::complete_and_claim` makes these decisions in SQL). The
+/// free slots are reserved before the statement, so that what it claims
+/// has a slot; those it does not use go back when the claims start.
 async fn complete(
     pool: &PgPool,
     worker_id: &str,
@@ -199,35 +200,29 @@ async fn complete(
     continuation: &Continuation,
     capacity: usize,
 ) -> tasker_shared::Result<Completed> {
-    let mut tx = pool.begin().await?;
-    let (namespace, lease) = (continuation.namespace(), continuation.lease());
-    let (announce, start) = match capacity {
-        0 => (Announce::Now, None),
-        limit => (Announce::Later, Some(StartDependents { limit, namespace, lease })),
-    };
-    let recorded = step_result::record_successes(&mut *tx, worker_id, successes, announce, start).await?;
-    let started: Vec<Uuid> = recorded.iter().flat_map(|r| r.started_dependents.iter().copied()).collect();
-    let dependents: Vec<Uuid> = recorded.iter().flat_map(|r| r.enqueued_dependents.iter().copied()).collect();
-    let room = capacity.saturating_sub(started.len());
+    if capacity == 0 {
+        let recorded = step_result::complete_steps(pool, worker_id, successes).await?;
+        return Ok(Completed { recorded, claimed: Vec::new(), extra: Vec::new(), announced_left: None });
+    }
+    // The flag first: a claim loop that stops for lack of capacity after
+    // this read finds the slots reserved below gone, and is woken when the
+    // unused ones go back.
     let backlog = continuation.backlog();
-    let extra = match (capacity, backlog) {
-        (0, _) => Vec::new(),
-        (_, true) => continuation.take_free(usize::MAX),
-        (_, false) => continuation.take_free(dependents.len().saturating_sub(room)),
+    let extra = continuation.take_free(usize::MAX);
+    let claim = ClaimWith {
+        capacity,
+        free: extra.len(),
+        backlog,
+        namespace: continuation.namespace(),
+        lease: continuation.lease(),
     };
-    let limit = room + extra.len();
-    let claimed = if !started.is_empty() || (limit > 0 && (!dependents.is_empty() || backlog)) {
-        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        claim::claim_dependents(&mut *tx, worker_id, namespace, limit, lease, &dependents, &started).await?
-    } else {
-        Vec::new()
-    };
-    let announced_left = match announce {
-        Announce::Now => None,
-        Announce::Later => Some(step_result::announce_left(&mut *tx, &recorded, &claimed).await?),
-    };
-    tx.commit().await?;
-    Ok(Completed { recorded, claimed, extra, announced_left })
+    let continued = step_result::complete_and_claim(pool, worker_id, successes, claim).await?;
+    Ok(Completed {
+        recorded: continued.recorded,
+        claimed: continued.claimed,
+        extra,
+        announced_left: Some(continued.announced),
+    })
 }
 
 /// Metrics, statistics and logs for a recorded batch; `announced_left` as in
