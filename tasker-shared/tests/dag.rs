@@ -214,9 +214,15 @@ async fn hot_functions_run_without_sequential_or_bitmap_scans(pool: PgPool) {
     .fetch_all(&pool)
     .await
     .unwrap();
-    for hot in
-        ["complete_steps", "claim_steps", "fail_steps", "lock_tasks_of_steps", "claim_ready_tasks", "start_tasks"]
-    {
+    for hot in [
+        "complete_steps",
+        "complete_steps_and_claim",
+        "claim_steps",
+        "fail_steps",
+        "lock_tasks_of_steps",
+        "claim_ready_tasks",
+        "start_tasks",
+    ] {
         assert!(settings.iter().any(|(name, _, _)| name == hot), "{hot} runs with sequential scans off: {settings:?}");
     }
     for (_, function, config) in &settings {
