@@ -11,7 +11,8 @@
 --   instructions went into parsing it per updating statement, two or three
 --   statements a hop.
 -- * 17% setting up aggregates (ExecInitAgg): complete_steps read its results
---   into variables with array_agg, one Agg node per subquery, eleven a hop.
+--   into variables with array_agg, an Agg node per query or subquery:
+--   eleven of a hop's thirteen.
 --
 -- 1. The guards keep their edges in an IMMUTABLE PL/pgSQL function per
 --    machine, tasker.task_transition_allowed() and

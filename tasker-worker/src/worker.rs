@@ -91,10 +91,11 @@ struct AttemptContext {
 /// Capacity: an attempt's slot travels with its outcome and is held until
 /// the outcome is recorded; the transaction that records it claims the next
 /// work with it, so under load claiming costs no transaction of its own (the
-/// claim loop finds no free capacity and waits). The completer may also take
-/// free slots, as many as the dependents it enqueued need beyond its own; it
-/// never claims more than the slots it holds and the worker's limit allows.
-/// What it does not use is given back and wakes the claim loop.
+/// claim loop finds no free capacity and waits). The completer also reserves
+/// the free slots before it records a batch, and its statement uses as many
+/// as the dependents it enqueued need beyond its own (all of them when the
+/// claim loop is waiting for capacity); it never claims more than the slots
+/// it holds. What it does not use is given back and wakes the claim loop.
 #[derive(Debug, Clone)]
 pub struct Continuation {
     /// Attempts started here report to the completer; a weak sender, so the
