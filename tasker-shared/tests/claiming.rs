@@ -687,17 +687,8 @@ async fn a_completion_announces_only_the_dependents_its_worker_leaves(pool: PgPo
 
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
     listener.listen("tasker_steps_hop").await.unwrap();
-    let mut notifications_before_marker = async || {
-        sqlx::query("SELECT pg_notify('tasker_steps_hop', 'marker')").execute(&pool).await.unwrap();
-        let mut sent = 0;
-        loop {
-            let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
-            if notification.payload() == "marker" {
-                return sent;
-            }
-            sent += 1;
-        }
-    };
+    let mut notifications_before_marker =
+        async || notified_before_marker(&pool, &mut listener, "tasker_steps_hop").await;
     let hop = async |task: Uuid, limit: i32| {
         let root = roots.iter().find(|r| r.task_uuid == task).unwrap();
         let mut tx = pool.begin().await.unwrap();
@@ -770,17 +761,7 @@ async fn a_completion_and_its_claim_in_one_statement_decide_as_the_worker_did(po
 
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
     listener.listen("tasker_steps_one").await.unwrap();
-    let mut notified_before_marker = async || {
-        sqlx::query("SELECT pg_notify('tasker_steps_one', 'marker')").execute(&pool).await.unwrap();
-        let mut sent = 0;
-        loop {
-            let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.unwrap().unwrap();
-            if notification.payload() == "marker" {
-                return sent;
-            }
-            sent += 1;
-        }
-    };
+    let mut notified = async || notified_before_marker(&pool, &mut listener, "tasker_steps_one").await;
     let hop = async |attempt: AttemptRef, capacity: usize, free: usize, backlog: bool| -> Continued {
         let success = Success { attempt, result: serde_json::json!("a") };
         let claim = ClaimWith { capacity, free, backlog, namespace: None, lease: LEASE };
@@ -801,18 +782,18 @@ async fn a_completion_and_its_claim_in_one_statement_decide_as_the_worker_did(po
     assert!(
         all.claimed.iter().all(|c| c.task_uuid == fans[0] && c.dependency_results == serde_json::json!({"a": "a"}))
     );
-    assert_eq!((all.announced, notified_before_marker().await), (0, 0), "what the worker took is not announced");
+    assert_eq!((all.announced, notified().await), (0, 0), "what the worker took is not announced");
 
     // One free slot for two enqueued dependents: one is left, and announced.
     let some = hop(root_of(fans[1]), 1, 1, false).await;
     assert_eq!(some.claimed.len(), 2, "{some:?}");
-    assert_eq!((some.announced, notified_before_marker().await), (1, 1), "the dependent left is announced, once");
+    assert_eq!((some.announced, notified().await), (1, 1), "the dependent left is announced, once");
 
     // No free slot: only the started dependent; two are announced (one channel).
     let one = hop(root_of(fans[2]), 1, 0, false).await;
     assert_eq!(one.claimed.len(), 1);
     assert_eq!(one.claimed[0].step_uuid, one.recorded[0].started_dependents[0]);
-    assert_eq!((one.announced, notified_before_marker().await), (1, 1));
+    assert_eq!((one.announced, notified().await), (1, 1));
 
     // A stale attempt is rejected and claims nothing, though a slot is free.
     let stale = AttemptRef { attempt: 7, ..root_of(fans[3]) };

@@ -151,3 +151,19 @@ pub fn assert_refused<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, code: 
     let sqlstate = err.as_database_error().and_then(|db| db.code());
     assert_eq!(sqlstate.as_deref(), Some(code), "{what}: {err}");
 }
+
+/// How many notifications `listener` received on `channel` before a marker
+/// sent now: notifications reach a listener in commit order, so this counts
+/// what the transactions committed since the last call sent there.
+pub async fn notified_before_marker(pool: &PgPool, listener: &mut sqlx::postgres::PgListener, channel: &str) -> usize {
+    sqlx::query("SELECT pg_notify($1, 'marker')").bind(channel).execute(pool).await.expect("marker");
+    let mut sent = 0;
+    loop {
+        let notification =
+            tokio::time::timeout(Duration::from_secs(5), listener.recv()).await.expect("marker arrives").expect("recv");
+        if notification.payload() == "marker" {
+            return sent;
+        }
+        sent += 1;
+    }
+}
