@@ -177,7 +177,9 @@ BEGIN
 
         IF cardinality(accepted_steps) = 0 THEN
             RETURN QUERY SELECT 'recorded'::text, i.step_uuid, false, '{}'::uuid[], false, false, NULL::timestamptz,
-                                '{}'::uuid[], NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::integer, NULL::integer,
+                                '{}'::uuid[],
+                                NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::jsonb, NULL::integer,
+                                NULL::integer, NULL::integer,
                                 NULL::timestamptz, NULL::jsonb, NULL::jsonb, NULL::timestamptz, NULL::timestamptz, NULL::integer
                          FROM unnest(p_step_uuids) WITH ORDINALITY AS i(step_uuid, n)
                          ORDER BY i.n;
@@ -329,7 +331,8 @@ BEGIN
                    coalesce(a.task_uuid = ANY (woken_tasks), false),
                    coalesce(a.task_uuid = ANY (finalized_tasks), false),
                    finalized_since[array_position(finalized_tasks, a.task_uuid)],
-                   '{}'::uuid[], NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::integer, NULL::integer,
+                   '{}'::uuid[],
+                   NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::integer, NULL::integer,
                    NULL::timestamptz, NULL::jsonb, NULL::jsonb, NULL::timestamptz, NULL::timestamptz, NULL::integer
             FROM unnest(p_step_uuids, p_attempts) WITH ORDINALITY AS i(step_uuid, attempt, n)
             LEFT JOIN unnest(accepted_steps, accepted_attempts, accepted_tasks) AS a(step_uuid, attempt, task_uuid)
@@ -353,7 +356,8 @@ BEGIN
                coalesce(a.task_uuid = ANY (woken_tasks), false),
                coalesce(a.task_uuid = ANY (finalized_tasks), false),
                finalized_since[array_position(finalized_tasks, a.task_uuid)],
-               coalesce(cr.started, '{}'), NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::integer, NULL::integer,
+               coalesce(cr.started, '{}'),
+               NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::integer, NULL::integer,
                NULL::timestamptz, NULL::jsonb, NULL::jsonb, NULL::timestamptz, NULL::timestamptz, NULL::integer
         FROM unnest(p_step_uuids, p_attempts) WITH ORDINALITY AS i(step_uuid, attempt, n)
         LEFT JOIN unnest(accepted_steps, accepted_attempts, accepted_tasks) AS a(step_uuid, attempt, task_uuid)
