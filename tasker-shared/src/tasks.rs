@@ -1,6 +1,6 @@
 //! Creating, reading and cancelling tasks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -50,8 +50,8 @@ pub struct CreatedTask {
 /// Who makes a new task's first move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
-    /// The creating transaction (`tasker.start_tasks`): the root steps are
-    /// enqueued, their namespaces' step channels notified and the task is in
+    /// The creating statement: the root steps are enqueued, their
+    /// namespaces' step channels notified and the task is in
     /// `steps_in_process` when it commits, with no orchestration pass. The
     /// submission path.
     Now,
@@ -62,7 +62,8 @@ pub enum Start {
 
 /// Creates tasks, their steps and dependency edges, and starts them as `start`
 /// says (a task [`Start::Now`] cannot start is left due for an orchestrator).
-/// Either all requests are applied or none: call it inside a transaction.
+/// After reading the templates it sends one statement (`tasker.create_tasks`),
+/// so all requests are applied or none, inside a transaction or not.
 /// Requests whose idempotency key was used before (or earlier in the same
 /// batch) return the existing task.
 pub async fn create_tasks(
@@ -88,33 +89,13 @@ pub async fn create_tasks(
         rows.push_task(task_uuid, stored, request);
     }
 
-    let inserted: Vec<Uuid> = sqlx::query_scalar!(
-        r#"WITH new_tasks AS (
-               INSERT INTO tasker.tasks (task_uuid, template_id, namespace, priority, context,
-                                         idempotency_key, ready_at, ready_since)
-               SELECT t.*, now(), now()
-               FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::jsonb[], $6::text[]) AS t
-               ON CONFLICT ON CONSTRAINT tasks_idempotency_key_unique DO NOTHING
-               RETURNING task_uuid
-           ), new_steps AS (
-               INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, handler, namespace, priority,
-                                                  config, max_attempts, backoff_ms, timeout_ms)
-               SELECT s.*
-               FROM unnest($7::uuid[], $8::uuid[], $9::text[], $10::text[], $11::text[], $12::int[],
-                           $13::jsonb[], $14::int[], $15::int[], $16::int[])
-                    AS s(step_uuid, task_uuid, name, handler, namespace, priority, config,
-                         max_attempts, backoff_ms, timeout_ms)
-               WHERE s.task_uuid IN (SELECT task_uuid FROM new_tasks)
-           ), new_edges AS (
-               INSERT INTO tasker.workflow_step_edges (to_step_uuid, from_step_uuid)
-               SELECT e.to_step, e.from_step
-               FROM unnest($17::uuid[], $18::uuid[], $19::uuid[]) AS e(task_uuid, to_step, from_step)
-               WHERE e.task_uuid IN (SELECT task_uuid FROM new_tasks)
-           ), history AS (
-               INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
-               SELECT task_uuid, NULL, 'pending', 'created', $20 FROM new_tasks
-           )
-           SELECT task_uuid AS "task_uuid!" FROM new_tasks"#,
+    let answers = sqlx::query!(
+        r#"SELECT task_uuid AS "task_uuid!", created AS "created!", state AS "state!: TaskState",
+                  steps_enqueued AS "steps_enqueued!", namespace, idempotency_key
+           FROM tasker.create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                                    $17, $18, $19, $20, $21)"#,
+        actor,
+        start == Start::Now,
         &rows.task_uuids,
         &rows.template_ids,
         &rows.namespaces,
@@ -134,88 +115,36 @@ pub async fn create_tasks(
         &rows.edge_task_uuids,
         &rows.edge_to,
         &rows.edge_from,
-        actor,
     )
     .fetch_all(&mut *conn)
     .await?;
 
-    let started = match start {
-        Start::Now if !inserted.is_empty() => start_tasks(&mut *conn, actor, &inserted).await?,
-        _ => HashMap::new(),
-    };
-    if inserted.iter().any(|t| !started.contains_key(t)) {
-        sqlx::query!("SELECT pg_notify(tasker.task_channel(), '')").execute(&mut *conn).await?;
+    let mut inserted = HashMap::new();
+    let mut existing = HashMap::new();
+    for answer in answers {
+        let steps_enqueued = usize::try_from(answer.steps_enqueued).unwrap_or(0);
+        let task =
+            CreatedTask { task_uuid: answer.task_uuid, state: answer.state, created: answer.created, steps_enqueued };
+        if answer.created {
+            inserted.insert(answer.task_uuid, task);
+        } else {
+            existing.insert((answer.namespace, answer.idempotency_key), task);
+        }
     }
-
-    let inserted: HashSet<Uuid> = inserted.into_iter().collect();
-    let existing = existing_by_key(conn, requests, &planned, &inserted).await?;
     requests
         .iter()
         .zip(planned)
         .map(|(request, task_uuid)| {
-            if inserted.contains(&task_uuid) {
-                let steps_enqueued = started.get(&task_uuid).copied().unwrap_or(0);
-                let state = if steps_enqueued > 0 { TaskState::StepsInProcess } else { TaskState::Pending };
-                return Ok(CreatedTask { task_uuid, state, created: true, steps_enqueued });
+            if let Some(task) = inserted.get(&task_uuid) {
+                return Ok(task.clone());
             }
-            let key = (request.namespace.to_string(), request.idempotency_key.clone());
+            let key = (Some(request.namespace.to_string()), request.idempotency_key.clone());
             existing
                 .get(&key)
                 .cloned()
                 .ok_or_else(|| Error::Conflict("task with this idempotency key vanished during submission".into()))
         })
         .collect()
-}
-
-/// Starts tasks just created in this transaction (`tasker.start_tasks`);
-/// returns those started, with how many steps each enqueued.
-async fn start_tasks(conn: &mut PgConnection, actor: &str, task_uuids: &[Uuid]) -> Result<HashMap<Uuid, usize>> {
-    let enqueued =
-        sqlx::query_scalar!(r#"SELECT task_uuid AS "task_uuid!" FROM tasker.start_tasks($1, $2)"#, task_uuids, actor,)
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut started = HashMap::new();
-    for task in enqueued {
-        *started.entry(task).or_insert(0) += 1;
-    }
-    Ok(started)
-}
-
-/// Existing tasks for requests that were not inserted (idempotency key taken).
-async fn existing_by_key(
-    conn: &mut PgConnection,
-    requests: &[NewTask],
-    planned: &[Uuid],
-    inserted: &HashSet<Uuid>,
-) -> Result<HashMap<(String, Option<String>), CreatedTask>> {
-    let (namespaces, keys): (Vec<String>, Vec<String>) = requests
-        .iter()
-        .zip(planned)
-        .filter(|(_, uuid)| !inserted.contains(uuid))
-        .filter_map(|(r, _)| Some((r.namespace.to_string(), r.idempotency_key.clone()?)))
-        .unzip();
-    if namespaces.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows = sqlx::query!(
-        r#"SELECT t.task_uuid, t.namespace, t.idempotency_key, t.state AS "state: TaskState"
-           FROM tasker.tasks t
-           JOIN unnest($1::text[], $2::text[]) AS k(namespace, key)
-             ON t.namespace = k.namespace AND t.idempotency_key = k.key"#,
-        &namespaces,
-        &keys,
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                (r.namespace, r.idempotency_key),
-                CreatedTask { task_uuid: r.task_uuid, state: r.state, created: false, steps_enqueued: 0 },
-            )
-        })
-        .collect())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -878,6 +878,62 @@ async fn a_task_started_at_creation_has_its_roots_enqueued_and_needs_no_orchestr
     assert_invariants(&pool).await;
 }
 
+/// A submission is one statement (`tasker.create_tasks`, 0032), so a batch
+/// sent without a transaction is still applied whole or not at all; a key
+/// taken earlier, or earlier in the same batch, answers with that task; and
+/// tasks left for an orchestrator are due and announced on the task channel.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn a_submission_is_one_statement_applied_whole_or_not_at_all(pool: PgPool) {
+    use tasker_shared::tasks::{Start, create_tasks};
+
+    let t = diamond("whole");
+    publish(&pool, &t).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
+    listener.listen_all(["tasker_tasks", "tasker_steps_whole"]).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let keyed = |key: &str| tasker_shared::tasks::NewTask { idempotency_key: Some(key.into()), ..new_task(&t) };
+    let rows = || async {
+        sqlx::query_as::<_, (i64, i64, i64, i64)>(
+            "SELECT (SELECT count(*) FROM tasker.tasks), (SELECT count(*) FROM tasker.workflow_steps),
+                    (SELECT count(*) FROM tasker.workflow_step_edges), (SELECT count(*) FROM tasker.task_transitions)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
+    // The database refuses the third request's key (the API checks it first;
+    // this is the last line): the two before it are not written either.
+    let refused =
+        create_tasks(&mut conn, "api", &[new_task(&t), keyed("k"), keyed(&"x".repeat(256))], Start::Now).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(rows().await, (0, 0, 0, 0), "nothing written");
+    assert_eq!(notified_before_marker(&pool, &mut listener, "tasker_steps_whole").await, 0, "nothing announced");
+
+    let created = create_tasks(&mut conn, "api", &[keyed("k"), keyed("k"), new_task(&t)], Start::Now).await.unwrap();
+    let (first, again, other) = (&created[0], &created[1], &created[2]);
+    assert!(first.created && other.created && !again.created, "{created:?}");
+    assert_eq!(again.task_uuid, first.task_uuid, "the key's task, taken earlier in the batch");
+    assert!(created.iter().all(|c| c.state == TaskState::StepsInProcess), "{created:?}");
+    assert_eq!((first.steps_enqueued, again.steps_enqueued, other.steps_enqueued), (1, 0, 1));
+    assert_eq!(rows().await, (2, 8, 8, 4), "two diamonds, each created and started");
+    assert_eq!(notified_before_marker(&pool, &mut listener, "tasker_steps_whole").await, 1, "one per channel");
+
+    let later = create_tasks(&mut conn, "api", &[keyed("k")], Start::Now).await.unwrap();
+    assert_eq!((later[0].task_uuid, later[0].created), (first.task_uuid, false));
+    assert_eq!(rows().await, (2, 8, 8, 4), "nothing more written");
+
+    let left = create_tasks(&mut conn, "api", &[new_task(&t), new_task(&t)], Start::ByOrchestrator).await.unwrap();
+    assert!(left.iter().all(|c| c.created && c.state == TaskState::Pending && c.steps_enqueued == 0), "{left:?}");
+    assert_eq!(notified_before_marker(&pool, &mut listener, "tasker_tasks").await, 1, "announced once");
+    let mut due: Vec<Uuid> = claim_all(&pool, ORCH).await.iter().map(|c| c.task_uuid).collect();
+    let mut expected: Vec<Uuid> = left.iter().map(|c| c.task_uuid).collect();
+    due.sort();
+    expected.sort();
+    assert_eq!(due, expected, "due for an orchestrator, and nothing else");
+    assert_invariants(&pool).await;
+}
+
 #[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
 async fn step_claims_not_made_by_a_notification_are_logged_with_their_wait(pool: PgPool) {
     let t = single("logged");

@@ -222,6 +222,7 @@ async fn hot_functions_run_without_sequential_or_bitmap_scans(pool: PgPool) {
         "lock_tasks_of_steps",
         "claim_ready_tasks",
         "start_tasks",
+        "create_tasks",
     ] {
         assert!(settings.iter().any(|(name, _, _)| name == hot), "{hot} runs with sequential scans off: {settings:?}");
     }
@@ -301,12 +302,19 @@ async fn hot_statements_never_scan_steps_or_edges(pool: PgPool) {
 /// claim of every last step (nothing left to announce); the last steps
 /// completed by the form that announces itself, finalizing the tasks.
 async fn run_diamonds_on(conn: &mut sqlx::PgConnection, t: &tasker_shared::template::TaskTemplate, n: usize) {
-    use tasker_shared::claim::{self, DiscoveredVia};
     use tasker_shared::tasks::{self, Start};
 
     let requests: Vec<_> = (0..n).map(|_| new_task(t)).collect();
     let created = tasks::create_tasks(&mut *conn, "test", &requests, Start::Now).await.unwrap();
     assert_eq!(created.len(), n);
+    run_started_diamonds_on(conn, n).await;
+}
+
+/// The worker's part of [`run_diamonds_on`], for the `n` diamonds started
+/// last (and nothing else enqueued).
+async fn run_started_diamonds_on(conn: &mut sqlx::PgConnection, n: usize) {
+    use tasker_shared::claim::{self, DiscoveredVia};
+
     let room = i32::try_from(n).unwrap();
 
     let roots = claim::claim_steps(&mut *conn, "w", None, 64, LEASE, DiscoveredVia::Event).await.unwrap();
@@ -530,12 +538,10 @@ async fn history_survives_the_change_of_its_keys(pool: PgPool) {
     publish(&pool, &t).await;
     let mut conn = pool.acquire().await.unwrap();
     for _ in 0..3 {
-        run_diamonds_on(&mut conn, &t, 20).await;
+        submit_as_at_0026(&mut conn, &t, 20).await;
+        run_started_diamonds_on(&mut conn, 20).await;
     }
-    let requests: Vec<_> = (0..10).map(|_| new_task(&t)).collect();
-    let running = tasker_shared::tasks::create_tasks(&mut conn, "test", &requests, tasker_shared::tasks::Start::Now)
-        .await
-        .unwrap();
+    let running = submit_as_at_0026(&mut conn, &t, 10).await;
     let roots = claim_steps(&pool, "w", 10).await;
     assert_eq!(roots.len(), 10);
 
@@ -572,9 +578,9 @@ async fn history_survives_the_change_of_its_keys(pool: PgPool) {
     // history under the new keys.
     let recorded = step_result::complete_steps(&mut *conn, "w", &successes(&roots)).await.unwrap();
     assert!(recorded.iter().all(|r| r.accepted && r.enqueued_dependents.len() == 2), "{recorded:?}");
-    for task in &running {
+    for &task in &running {
         for name in ["b", "c"] {
-            assert_eq!(step_state(&mut *conn, task.task_uuid, name).await, StepState::Enqueued);
+            assert_eq!(step_state(&mut *conn, task, name).await, StepState::Enqueued);
         }
     }
     for expected in [20, 10] {
@@ -583,11 +589,67 @@ async fn history_survives_the_change_of_its_keys(pool: PgPool) {
         let recorded = step_result::complete_steps(&mut *conn, "w", &successes(&claims)).await.unwrap();
         assert!(recorded.iter().all(|r| r.accepted));
     }
-    for task in &running {
-        assert_eq!(task_state(&mut *conn, task.task_uuid).await, tasker_shared::state_machine::TaskState::Complete);
+    for &task in &running {
+        assert_eq!(task_state(&mut *conn, task).await, tasker_shared::state_machine::TaskState::Complete);
     }
+    migrator.run(&pool).await.unwrap();
     run_diamonds_on(&mut conn, &t, 5).await;
     assert_invariants(&pool).await;
+}
+
+/// Submits and starts `n` tasks of `t` with the statements a database at
+/// 0026 has (the submission's one statement came in 0032): its steps and
+/// edges expanded from the stored definition, then `start_tasks`. Returns
+/// the tasks.
+async fn submit_as_at_0026(
+    conn: &mut sqlx::PgConnection,
+    t: &tasker_shared::template::TaskTemplate,
+    n: i32,
+) -> Vec<Uuid> {
+    let created: Vec<Uuid> = sqlx::query_scalar(
+        "WITH template AS (
+             SELECT template_id, namespace, definition FROM tasker.task_templates
+             WHERE namespace = $1 AND name = $2
+         ), planned AS (
+             SELECT gen_random_uuid() AS task_uuid, template.* FROM template, generate_series(1, $3)
+         ), planned_steps AS (
+             SELECT p.task_uuid, p.namespace, s.value AS step, gen_random_uuid() AS step_uuid
+             FROM planned p, jsonb_array_elements(p.definition -> 'steps') AS s
+         ), new_tasks AS (
+             INSERT INTO tasker.tasks (task_uuid, template_id, namespace, ready_at, ready_since)
+             SELECT task_uuid, template_id, namespace, now(), now() FROM planned
+             RETURNING task_uuid
+         ), new_steps AS (
+             INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, handler, namespace, config,
+                                                max_attempts, backoff_ms, timeout_ms)
+             SELECT step_uuid, task_uuid, step ->> 'name', step ->> 'handler', namespace, step -> 'config',
+                    (step ->> 'max_attempts')::int, (step ->> 'backoff_ms')::int, (step ->> 'timeout_ms')::int
+             FROM planned_steps
+         ), new_edges AS (
+             INSERT INTO tasker.workflow_step_edges (to_step_uuid, from_step_uuid)
+             SELECT dependent.step_uuid, dependency.step_uuid
+             FROM planned_steps dependent
+             JOIN planned_steps dependency ON dependency.task_uuid = dependent.task_uuid
+                                          AND dependent.step -> 'depends_on' ? (dependency.step ->> 'name')
+         ), history AS (
+             INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, reason, actor)
+             SELECT task_uuid, NULL, 'pending', 'created', 'test' FROM new_tasks
+         )
+         SELECT task_uuid FROM new_tasks",
+    )
+    .bind(t.namespace.as_str())
+    .bind(t.name.as_str())
+    .bind(n)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let started: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT task_uuid FROM tasker.start_tasks($1, 'test')")
+        .bind(&created)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(started.len(), created.len(), "every task started");
+    created
 }
 
 /// The definitions of the history tables' indexes: the task history's, then

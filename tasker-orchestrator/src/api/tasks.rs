@@ -75,7 +75,7 @@ pub(super) async fn submit(
     Ok((status, axum::Json(task)))
 }
 
-/// Submits up to 1,000 tasks in one transaction: all or none.
+/// Submits up to 1,000 tasks in one statement: all or none.
 pub(super) async fn submit_batch(
     State(state): State<ApiState>,
     Json(batch): Json<SubmitBatch>,
@@ -99,9 +99,10 @@ pub(super) async fn submit_batch(
 
 async fn create(state: &ApiState, requests: Vec<NewTask>) -> Result<Vec<CreatedTask>, ApiError> {
     let started = std::time::Instant::now();
-    let mut tx = state.pool.begin().await.map_err(tasker_shared::Error::from)?;
-    let created = tasks::create_tasks(&mut tx, &state.actor, &requests, Start::Now).await?;
-    tx.commit().await.map_err(tasker_shared::Error::from)?;
+    // The creating statement is a transaction of its own: no BEGIN or COMMIT.
+    let mut conn = state.pool.acquire().await.map_err(tasker_shared::Error::from)?;
+    let created = tasks::create_tasks(&mut conn, &state.actor, &requests, Start::Now).await?;
+    drop(conn);
 
     // Only now, with everything committed, count what happened.
     let elapsed = started.elapsed();
