@@ -286,6 +286,168 @@ async fn history_is_append_only_goes_with_its_task_and_never_dangles(pool: PgPoo
     assert_eq!(left, (0, 0));
 }
 
+/// Steps name their task and edges their steps through set-based keys
+/// (0033), as history does: a statement inserting a step of no task or an
+/// edge of no step is refused whole (23503); deleting tasks deletes their
+/// steps, and with them their edges, history and discoveries; truncating the
+/// tasks or the steps empties what hangs from them; and rows written past
+/// the triggers are reported by the invariants.
+#[sqlx::test(migrator = "tasker_shared::db::MIGRATOR")]
+async fn steps_and_edges_name_what_exists_and_go_with_it(pool: PgPool) {
+    use tasker_shared::claim::{self, DiscoveredVia};
+
+    let t = diamond("keys");
+    publish(&pool, &t).await;
+    let tasks = submit(&pool, &t, 3).await;
+    enqueue_pass(&pool, ORCH).await;
+    let claims = claim::claim_steps(&pool, "w", None, 10, LEASE, DiscoveredVia::Poll).await.unwrap();
+    assert_eq!(claims.len(), 3, "every root, claimed by a poll, so each has a discovery row");
+    // (steps, edges, step history, discoveries) of a task.
+    let rows_of = |task: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64, i64, i64)>(
+                "SELECT (SELECT count(*) FROM tasker.workflow_steps WHERE task_uuid = $1),
+                        (SELECT count(*) FROM tasker.workflow_step_edges e JOIN tasker.workflow_steps s
+                           ON s.step_uuid = e.to_step_uuid WHERE s.task_uuid = $1),
+                        (SELECT count(*) FROM tasker.workflow_step_transitions WHERE task_uuid = $1),
+                        (SELECT count(*) FROM tasker.step_discoveries d JOIN tasker.workflow_steps s
+                           USING (step_uuid) WHERE s.task_uuid = $1)",
+            )
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let all_steps_and_edges = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT (SELECT count(*) FROM tasker.workflow_steps), (SELECT count(*) FROM tasker.workflow_step_edges)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(rows_of(tasks[1]).await, (4, 4, 2, 1), "a diamond with its root enqueued and claimed");
+
+    // A step naming no task, alone or beside one naming a real task.
+    let ghost = Uuid::now_v7();
+    let insert_steps = |tasks: Vec<Uuid>| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, handler, namespace,
+                                                    max_attempts, backoff_ms, timeout_ms)
+                 SELECT gen_random_uuid(), t, 'extra', 'noop', 'keys', 1, 0, 1000 FROM unnest($1::uuid[]) AS t",
+            )
+            .bind(tasks)
+            .execute(&pool)
+            .await
+        }
+    };
+    let before = all_steps_and_edges().await;
+    assert_refused(insert_steps(vec![ghost]).await, "23503", "a step naming no task");
+    assert_refused(insert_steps(vec![tasks[1], ghost]).await, "23503", "a statement with one step naming no task");
+    assert_eq!(all_steps_and_edges().await, before, "nothing of the refused statements was written");
+
+    // An edge naming no step, at either end, alone or beside a real one.
+    let steps: Vec<Uuid> =
+        sqlx::query_scalar("SELECT step_uuid FROM tasker.workflow_steps WHERE task_uuid = $1 ORDER BY name")
+            .bind(tasks[1])
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let insert_edges = |edges: Vec<(Uuid, Uuid)>| {
+        let pool = pool.clone();
+        async move {
+            let (to, from): (Vec<Uuid>, Vec<Uuid>) = edges.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO tasker.workflow_step_edges (to_step_uuid, from_step_uuid)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[])",
+            )
+            .bind(to)
+            .bind(from)
+            .execute(&pool)
+            .await
+        }
+    };
+    assert_refused(insert_edges(vec![(ghost, steps[0])]).await, "23503", "an edge to no step");
+    assert_refused(insert_edges(vec![(steps[3], ghost)]).await, "23503", "an edge from no step");
+    assert_refused(
+        insert_edges(vec![(steps[3], steps[0]), (steps[2], ghost)]).await,
+        "23503",
+        "a statement with one edge naming no step",
+    );
+    assert_eq!(all_steps_and_edges().await, before, "nothing of the refused statements was written");
+    assert_invariants(&pool).await;
+
+    // Deleting tasks (as retention does, many in one statement) takes their
+    // steps, and with those their edges, history and discoveries.
+    sqlx::query("DELETE FROM tasker.tasks WHERE task_uuid = ANY($1)")
+        .bind([tasks[0], tasks[2]])
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows_of(tasks[0]).await, (0, 0, 0, 0), "all went with the task");
+    assert_eq!(rows_of(tasks[2]).await, (0, 0, 0, 0), "all went with the task, deleted in the same statement");
+    assert_eq!(all_steps_and_edges().await, (4, 4), "every edge went with its steps, whichever end");
+    assert_eq!(rows_of(tasks[1]).await, (4, 4, 2, 1), "another task keeps its own");
+    assert_invariants(&pool).await;
+
+    // Unlike a foreign key, the checks lock nothing until commit, so the
+    // invariants look for steps naming no task and edges naming no step. Rows
+    // written with triggers disabled (as a restore may run) are reported.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+    let orphan: Uuid = sqlx::query_scalar(
+        "INSERT INTO tasker.workflow_steps (step_uuid, task_uuid, name, handler, namespace,
+                                            max_attempts, backoff_ms, timeout_ms)
+         VALUES (gen_random_uuid(), $1, 'orphan', 'noop', 'keys', 1, 0, 1000) RETURNING step_uuid",
+    )
+    .bind(ghost)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO tasker.workflow_step_edges (to_step_uuid, from_step_uuid) VALUES ($1, $2)")
+        .bind(ghost)
+        .bind(steps[0])
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("RESET session_replication_role").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    let violations = tasker_shared::invariants::violations(&pool).await.unwrap();
+    let reported = |subject: Uuid| {
+        violations
+            .iter()
+            .any(|v| v.invariant == "steps and edges name existing tasks and steps" && v.subject == subject)
+    };
+    assert!(reported(orphan), "a step naming no task is reported: {violations:#?}");
+    assert!(reported(ghost), "an edge naming no step is reported: {violations:#?}");
+    sqlx::query("DELETE FROM tasker.workflow_steps WHERE step_uuid = $1").bind(orphan).execute(&pool).await.unwrap();
+    sqlx::query("DELETE FROM tasker.workflow_step_edges WHERE to_step_uuid = $1")
+        .bind(ghost)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_invariants(&pool).await;
+
+    // Truncating the steps empties the edges; truncating the tasks the steps
+    // and edges, also when the statement names them itself.
+    sqlx::query("TRUNCATE tasker.workflow_steps CASCADE").execute(&pool).await.unwrap();
+    assert_eq!(all_steps_and_edges().await, (0, 0));
+    submit(&pool, &t, 2).await;
+    sqlx::query("TRUNCATE tasker.tasks CASCADE").execute(&pool).await.unwrap();
+    assert_eq!(all_steps_and_edges().await, (0, 0), "steps and edges went with the truncated tasks");
+    submit(&pool, &t, 2).await;
+    sqlx::query("TRUNCATE tasker.tasks, tasker.workflow_steps, tasker.workflow_step_edges CASCADE")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(all_steps_and_edges().await, (0, 0));
+    assert_invariants(&pool).await;
+}
+
 /// The guards' edge lists (0017; one array since 0019; in a function per
 /// machine, which the trigger calls, since 0030) are what
 /// `install_state_guards()` writes from the machine tables now: a migration
