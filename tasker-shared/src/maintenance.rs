@@ -88,8 +88,8 @@ async fn work(
 }
 
 /// Deletes up to `batch` tasks that finished more than `days` days ago, with
-/// their steps, edges and history (the steps and edges by their keys'
-/// cascades, both histories by statement-level triggers). One short transaction.
+/// their steps, edges, discoveries and history (by statement-level triggers,
+/// and the discoveries by their key's cascade). One short transaction.
 pub async fn delete_finished_tasks(executor: impl sqlx::PgExecutor<'_>, days: i32, batch: i64) -> Result<u64> {
     let result = sqlx::query!(
         "DELETE FROM tasker.tasks
