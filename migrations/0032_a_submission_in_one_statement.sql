@@ -17,15 +17,16 @@
 -- a batch or none of it. It answers one row per task it inserted (created,
 -- with the steps it enqueued) and one per idempotency key of a request that
 -- inserted nothing (not created, with the state of the task that holds the
--- key, which it can read because it is a later statement than the insert).
+-- key, which it can read because it is a later statement than the insert;
+-- if that task was deleted meanwhile, the call fails whole with 40001).
 --
 -- Its start is start_tasks() without what only tasks created earlier need:
 -- no other transaction can see these tasks, so it locks nothing first, and
 -- their roots are the steps no edge in the call points to. Counted with
 -- `scripts/bench-instructions --submit` (the template read included), a
 -- four-step chain's submission cost the server 3,048,119 instructions as
--- five statements and 2,865,295 as two (-6.0%; -3.2% at 32 tasks a call,
--- 1,463,826 -> 1,416,737); calling start_tasks() from here instead cost
+-- five statements and 2,860,620 as two (-6.2%; -3.2% at 32 tasks a call,
+-- 1,463,826 -> 1,417,280); calling start_tasks() from here instead cost
 -- 3,138,914.
 --
 -- The template is still read first, by its own statement: the caller turns
@@ -67,6 +68,8 @@ DECLARE
     started    uuid[] := '{}';
     namespaces text[];
     answered   bigint;
+    taken_namespaces text[];
+    taken_keys       text[];
 BEGIN
     WITH new_tasks AS (
         INSERT INTO tasker.tasks (task_uuid, template_id, namespace, priority, context,
@@ -138,14 +141,25 @@ BEGIN
         PERFORM pg_notify(tasker.task_channel(), '');
     END IF;
 
+    -- A request inserts nothing only when its key is taken. The task that
+    -- holds it may be deleted (retention) between the insert and this read;
+    -- the call then fails whole, as a serialization failure the caller may
+    -- retry, rather than commit a batch it cannot answer for.
     IF cardinality(inserted) < cardinality(p_task_uuids) THEN
+        SELECT array_agg(k.namespace), array_agg(k.idempotency_key) INTO taken_namespaces, taken_keys
+        FROM (SELECT DISTINCT r.namespace, r.idempotency_key
+              FROM unnest(p_task_uuids, p_namespaces, p_idempotency_keys) AS r(task_uuid, namespace, idempotency_key)
+              WHERE r.task_uuid <> ALL (inserted)) AS k;
         RETURN QUERY
         SELECT t.task_uuid, false, t.state, 0, t.namespace, t.idempotency_key
-        FROM tasker.tasks t
-        JOIN (SELECT DISTINCT r.namespace, r.idempotency_key
-              FROM unnest(p_task_uuids, p_namespaces, p_idempotency_keys) AS r(task_uuid, namespace, idempotency_key)
-              WHERE r.idempotency_key IS NOT NULL AND r.task_uuid <> ALL (inserted)) AS k
-          ON t.namespace = k.namespace AND t.idempotency_key = k.idempotency_key;
+        FROM unnest(taken_namespaces, taken_keys) AS k(namespace, idempotency_key)
+        JOIN tasker.tasks t ON t.namespace = k.namespace AND t.idempotency_key = k.idempotency_key;
+        GET DIAGNOSTICS answered = ROW_COUNT;
+        IF answered < cardinality(taken_keys) THEN
+            RAISE EXCEPTION 'a task holding an idempotency key of this submission was deleted while it ran; '
+                            'nothing was written'
+                USING ERRCODE = '40001';
+        END IF;
     END IF;
 END
 $$;

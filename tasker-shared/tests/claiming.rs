@@ -923,6 +923,25 @@ async fn a_submission_is_one_statement_applied_whole_or_not_at_all(pool: PgPool)
     assert_eq!((later[0].task_uuid, later[0].created), (first.task_uuid, false));
     assert_eq!(rows().await, (2, 8, 8, 4), "nothing more written");
 
+    // The task holding a taken key is deleted (as retention may) after the
+    // insert found the key taken and before the call reads its holder: here
+    // by a trigger on the insert's history. The whole call fails, as a
+    // transient error the caller may retry, and nothing of it is written.
+    sqlx::raw_sql(
+        "CREATE FUNCTION tasker.test_delete_key_holder() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN DELETE FROM tasker.tasks WHERE idempotency_key = 'k'; RETURN NULL; END $$;
+         CREATE TRIGGER test_delete_key_holder AFTER INSERT ON tasker.task_transitions
+             FOR EACH STATEMENT EXECUTE FUNCTION tasker.test_delete_key_holder();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let vanished = create_tasks(&mut conn, "api", &[new_task(&t), keyed("k")], Start::Now).await;
+    assert!(vanished.as_ref().is_err_and(|e| e.is_transient()), "{vanished:?}");
+    assert_eq!(rows().await, (2, 8, 8, 4), "nothing written, and the holder is still there");
+    assert_eq!(notified_before_marker(&pool, &mut listener, "tasker_steps_whole").await, 0, "nothing announced");
+    sqlx::raw_sql("DROP TRIGGER test_delete_key_holder ON tasker.task_transitions").execute(&pool).await.unwrap();
+
     let left = create_tasks(&mut conn, "api", &[new_task(&t), new_task(&t)], Start::ByOrchestrator).await.unwrap();
     assert!(left.iter().all(|c| c.created && c.state == TaskState::Pending && c.steps_enqueued == 0), "{left:?}");
     assert_eq!(notified_before_marker(&pool, &mut listener, "tasker_tasks").await, 1, "announced once");

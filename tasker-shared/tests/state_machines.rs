@@ -445,6 +445,16 @@ async fn steps_and_edges_name_what_exists_and_go_with_it(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(all_steps_and_edges().await, (0, 0));
+    // Also when it names the steps' discoveries, which keep their foreign key
+    // (so the steps, which have some, cannot be truncated without them).
+    submit(&pool, &t, 2).await;
+    enqueue_pass(&pool, ORCH).await;
+    assert_eq!(claim::claim_steps(&pool, "w", None, 10, LEASE, DiscoveredVia::Poll).await.unwrap().len(), 2);
+    sqlx::query("TRUNCATE tasker.tasks, tasker.step_discoveries CASCADE").execute(&pool).await.unwrap();
+    assert_eq!(all_steps_and_edges().await, (0, 0));
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasker.workflow_step_transitions").fetch_one(&pool).await.unwrap();
+    assert_eq!(history, 0, "the steps' history went with them");
     assert_invariants(&pool).await;
 }
 
