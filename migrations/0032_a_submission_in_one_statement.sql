@@ -25,8 +25,8 @@
 -- their roots are the steps no edge in the call points to. Counted with
 -- `scripts/bench-instructions --submit` (the template read included), a
 -- four-step chain's submission cost the server 3,048,119 instructions as
--- five statements and 2,860,620 as two (-6.2%; -3.2% at 32 tasks a call,
--- 1,463,826 -> 1,417,280); calling start_tasks() from here instead cost
+-- five statements and 2,862,990 as two (-6.1%; -3.1% at 32 tasks a call,
+-- 1,463,826 -> 1,418,608); calling start_tasks() from here instead cost
 -- 3,138,914.
 --
 -- The template is still read first, by its own statement: the caller turns
@@ -99,13 +99,13 @@ BEGIN
     )
     SELECT ARRAY(SELECT n.task_uuid FROM new_tasks n) INTO inserted;
 
-    -- The start (see above). Steps of a request that inserted nothing match
-    -- no row.
+    -- The start (see above): the roots of the tasks this call inserted.
     IF p_start AND cardinality(inserted) > 0 THEN
         WITH enqueued AS (
             UPDATE tasker.workflow_steps s
             SET state = 'enqueued', enqueued_at = now(), updated_at = now()
             WHERE s.step_uuid = ANY (ARRAY(SELECT unnest(p_step_uuids) EXCEPT SELECT unnest(p_edge_to)))
+              AND s.task_uuid = ANY (inserted)
               AND s.state = 'pending'
             RETURNING s.step_uuid, s.task_uuid, s.namespace, s.attempts
         ), step_history AS (

@@ -12,7 +12,7 @@
 -- 2,865,295), and those of the rows its start updates 3.5% more (PostgreSQL
 -- checks a row's keys again when the transaction that inserted it updates
 -- it; one of those three re-checks is a step's). With set-based keys a
--- submission costs 7.9% less (2,860,620 -> 2,633,469), 21.6% less at 32
+-- submission costs 7.9% less (2,862,990 -> 2,636,053), 21.6% less at 32
 -- tasks a call.
 --
 -- The guarantees stay, checked once per statement over all its rows:
